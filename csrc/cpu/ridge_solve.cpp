@@ -1,0 +1,410 @@
+// Fused batched ridge / kernel-ridge solve on the CPU.
+//
+//   dual   (N <= d):  A = Z Zᵀ + μI (N×N),  α = A⁻¹Y,        W = Zᵀα        (LD-RR eq. 3, Woodbury)
+//   primal (d <  N):  H = Zᵀ Z + μI (d×d),  W = H⁻¹ Zᵀ Y                     (LD-RR eq. 2)
+//
+// Seed: label-distillation §3 eq. 2–3; krr-st-selfsup §3.2 eq. 4.
+// Equivalent PyTorch: ddfast.reference.ridge_solve.
+//
+// Small problems (factor size n <= kSmallN) run one fused pass per batch member
+// (Gram, Cholesky, triangular solves, output GEMM) with the batch spread over
+// threads by at::parallel_for; no LAPACK/BLAS call overhead. Larger problems use
+// batched ATen GEMM + Cholesky (MKL), where the GEMMs dominate.
+// The factor L (lower) is returned and reused by the backward: never an inverse.
+
+#include "ridge_solve.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ddfast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kSmallN = 64;        // largest factor size for the fused per-problem path
+constexpr int64_t kSmallWork = 1 << 22;  // and at most this many multiply-adds per problem
+
+// In-place lower Cholesky of the row-major n×n matrix A (lower triangle read).
+// Returns 0 or the 1-based order of the first leading minor that is not positive definite.
+template <typename acc_t>
+int cholesky_inplace(acc_t* A, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t* Aj = A + j * n;
+    acc_t s = Aj[j];
+    for (int64_t k = 0; k < j; ++k) s -= Aj[k] * Aj[k];
+    if (!(s > acc_t(0)) || !std::isfinite(s)) return static_cast<int>(j + 1);
+    const acc_t d = std::sqrt(s);
+    Aj[j] = d;
+    const acc_t inv = acc_t(1) / d;
+    for (int64_t i = j + 1; i < n; ++i) {
+      acc_t* Ai = A + i * n;
+      acc_t t = Ai[j];
+      for (int64_t k = 0; k < j; ++k) t -= Ai[k] * Aj[k];
+      Ai[j] = t * inv;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) A[i * n + j] = acc_t(0);
+  return 0;
+}
+
+// X ← (LLᵀ)⁻¹X for X row-major n×c (forward then back substitution).
+template <typename acc_t>
+void cholesky_solve_inplace(const acc_t* L, acc_t* X, int64_t n, int64_t c) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t* Xi = X + i * c;
+    for (int64_t k = 0; k < i; ++k) {
+      const acc_t l = L[i * n + k];
+      const acc_t* Xk = X + k * c;
+      for (int64_t j = 0; j < c; ++j) Xi[j] -= l * Xk[j];
+    }
+    const acc_t inv = acc_t(1) / L[i * n + i];
+    for (int64_t j = 0; j < c; ++j) Xi[j] *= inv;
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    acc_t* Xi = X + i * c;
+    for (int64_t k = i + 1; k < n; ++k) {
+      const acc_t l = L[k * n + i];
+      const acc_t* Xk = X + k * c;
+      for (int64_t j = 0; j < c; ++j) Xi[j] -= l * Xk[j];
+    }
+    const acc_t inv = acc_t(1) / L[i * n + i];
+    for (int64_t j = 0; j < c; ++j) Xi[j] *= inv;
+  }
+}
+
+// One dual or primal forward problem; all arrays contiguous row-major.
+template <typename scalar_t, typename acc_t>
+void small_fwd_one(const scalar_t* Z, const scalar_t* Y, acc_t mu, int64_t N, int64_t d, int64_t C,
+                   bool primal, bool compute_w, scalar_t* W, acc_t* L, acc_t* aux, int* info) {
+  const int64_t n = primal ? d : N;
+  for (int64_t i = 0; i < n * n; ++i) L[i] = acc_t(0);
+  if (!primal) {
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        acc_t s = 0;
+        const scalar_t* zi = Z + i * d;
+        const scalar_t* zj = Z + j * d;
+        for (int64_t k = 0; k < d; ++k) s += acc_t(zi[k]) * acc_t(zj[k]);
+        L[i * n + j] = s;
+      }
+    for (int64_t i = 0; i < N * C; ++i) aux[i] = acc_t(Y[i]);
+  } else {
+    for (int64_t i = 0; i < d * C; ++i) aux[i] = acc_t(0);
+    for (int64_t r = 0; r < N; ++r) {
+      const scalar_t* zr = Z + r * d;
+      const scalar_t* yr = Y + r * C;
+      for (int64_t a = 0; a < d; ++a) {
+        const acc_t za = zr[a];
+        acc_t* La = L + a * n;
+        for (int64_t b = 0; b <= a; ++b) La[b] += za * acc_t(zr[b]);
+        acc_t* Ra = aux + a * C;
+        for (int64_t c = 0; c < C; ++c) Ra[c] += za * acc_t(yr[c]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) L[i * n + i] += mu;
+  *info = cholesky_inplace(L, n);
+  if (*info != 0) return;
+  cholesky_solve_inplace(L, aux, n, C);
+  if (primal) {
+    for (int64_t i = 0; i < d * C; ++i) W[i] = static_cast<scalar_t>(aux[i]);
+  } else if (compute_w) {
+    std::vector<acc_t> w(d * C, acc_t(0));
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* zi = Z + i * d;
+      const acc_t* ai = aux + i * C;
+      for (int64_t k = 0; k < d; ++k) {
+        const acc_t z = zi[k];
+        acc_t* wk = w.data() + k * C;
+        for (int64_t c = 0; c < C; ++c) wk[c] += z * ai[c];
+      }
+    }
+    for (int64_t i = 0; i < d * C; ++i) W[i] = static_cast<scalar_t>(w[i]);
+  }
+}
+
+// One backward problem (see ridge_solve_bwd for the equations).
+template <typename scalar_t, typename acc_t>
+void small_bwd_one(const scalar_t* G, const scalar_t* Z, const scalar_t* Y, const acc_t* L,
+                   const acc_t* aux, int64_t N, int64_t d, int64_t C, bool primal,
+                   scalar_t* dZ, scalar_t* dY, acc_t* dmu) {
+  if (!primal) {
+    // Bm = A⁻¹ (Z G)
+    std::vector<acc_t> Bm(N * C, acc_t(0));
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* zi = Z + i * d;
+      acc_t* bi = Bm.data() + i * C;
+      for (int64_t k = 0; k < d; ++k) {
+        const acc_t z = zi[k];
+        const scalar_t* gk = G + k * C;
+        for (int64_t c = 0; c < C; ++c) bi[c] += z * acc_t(gk[c]);
+      }
+    }
+    cholesky_solve_inplace(L, Bm.data(), N, C);
+    if (dY) for (int64_t i = 0; i < N * C; ++i) dY[i] = static_cast<scalar_t>(Bm[i]);
+    if (dmu) {
+      acc_t s = 0;
+      for (int64_t i = 0; i < N * C; ++i) s += Bm[i] * aux[i];
+      *dmu = -s;
+    }
+    if (dZ) {
+      // T = G − ZᵀBm, W = Zᵀα  (d×C);  dZ = α Tᵀ − Bm Wᵀ
+      std::vector<acc_t> T(d * C), Wv(d * C, acc_t(0));
+      for (int64_t i = 0; i < d * C; ++i) T[i] = acc_t(G[i]);
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* zi = Z + i * d;
+        const acc_t* bi = Bm.data() + i * C;
+        const acc_t* ai = aux + i * C;
+        for (int64_t k = 0; k < d; ++k) {
+          const acc_t z = zi[k];
+          acc_t* tk = T.data() + k * C;
+          acc_t* wk = Wv.data() + k * C;
+          for (int64_t c = 0; c < C; ++c) {
+            tk[c] -= z * bi[c];
+            wk[c] += z * ai[c];
+          }
+        }
+      }
+      for (int64_t i = 0; i < N; ++i) {
+        const acc_t* ai = aux + i * C;
+        const acc_t* bi = Bm.data() + i * C;
+        for (int64_t k = 0; k < d; ++k) {
+          const acc_t* tk = T.data() + k * C;
+          const acc_t* wk = Wv.data() + k * C;
+          acc_t s = 0;
+          for (int64_t c = 0; c < C; ++c) s += ai[c] * tk[c] - bi[c] * wk[c];
+          dZ[i * d + k] = static_cast<scalar_t>(s);
+        }
+      }
+    }
+  } else {
+    // V = H⁻¹G; dY = Z V; dZ = (Y − Z W) Vᵀ − dY Wᵀ; dmu = −Σ V∘W   (W = aux)
+    std::vector<acc_t> V(d * C);
+    for (int64_t i = 0; i < d * C; ++i) V[i] = acc_t(G[i]);
+    cholesky_solve_inplace(L, V.data(), d, C);
+    if (dmu) {
+      acc_t s = 0;
+      for (int64_t i = 0; i < d * C; ++i) s += V[i] * aux[i];
+      *dmu = -s;
+    }
+    if (dY || dZ) {
+      std::vector<acc_t> zv(C), zw(C);
+      for (int64_t r = 0; r < N; ++r) {
+        const scalar_t* zr = Z + r * d;
+        for (int64_t c = 0; c < C; ++c) zv[c] = zw[c] = 0;
+        for (int64_t a = 0; a < d; ++a) {
+          const acc_t z = zr[a];
+          const acc_t* va = V.data() + a * C;
+          const acc_t* wa = aux + a * C;
+          for (int64_t c = 0; c < C; ++c) {
+            zv[c] += z * va[c];
+            zw[c] += z * wa[c];
+          }
+        }
+        if (dY) for (int64_t c = 0; c < C; ++c) dY[r * C + c] = static_cast<scalar_t>(zv[c]);
+        if (dZ) {
+          const scalar_t* yr = Y + r * C;
+          for (int64_t c = 0; c < C; ++c) zw[c] = acc_t(yr[c]) - zw[c];  // residual
+          for (int64_t a = 0; a < d; ++a) {
+            const acc_t* va = V.data() + a * C;
+            const acc_t* wa = aux + a * C;
+            acc_t s = 0;
+            for (int64_t c = 0; c < C; ++c) s += zw[c] * va[c] - zv[c] * wa[c];
+            dZ[r * d + a] = static_cast<scalar_t>(s);
+          }
+        }
+      }
+    }
+  }
+}
+
+bool use_small_path(int64_t N, int64_t d, int64_t C, bool primal) {
+  const int64_t n = primal ? d : N;
+  return n <= kSmallN && N * d * (n + C) <= kSmallWork;
+}
+
+void check_inputs(const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu) {
+  TORCH_CHECK(Z.dim() == 3, "Z: expected shape [B, N, d], got ", Z.sizes());
+  TORCH_CHECK(Y.dim() == 3 && Y.size(0) == Z.size(0) && Y.size(1) == Z.size(1),
+              "Y: expected shape [", Z.size(0), ", ", Z.size(1), ", C], got ", Y.sizes());
+  TORCH_CHECK(mu.dim() == 1 && mu.size(0) == Z.size(0), "mu: expected shape [", Z.size(0),
+              "], got ", mu.sizes());
+  TORCH_CHECK(Z.device().is_cpu() && Y.device().is_cpu() && mu.device().is_cpu(),
+              "ddfast._C CPU kernels take CPU tensors");
+  TORCH_CHECK(Z.scalar_type() == Y.scalar_type(), "Z and Y: expected one dtype, got ",
+              Z.scalar_type(), " and ", Y.scalar_type());
+  TORCH_CHECK(Z.scalar_type() == at::kFloat || Z.scalar_type() == at::kDouble,
+              "Z: expected float32 or float64, got ", Z.scalar_type());
+  TORCH_CHECK(mu.scalar_type() == at::kFloat || mu.scalar_type() == at::kDouble,
+              "mu: expected float32 or float64 (the solve dtype), got ", mu.scalar_type());
+  TORCH_CHECK(at::promote_types(Z.scalar_type(), mu.scalar_type()) == mu.scalar_type(),
+              "mu: the solve dtype must be at least as wide as Z's dtype");
+}
+
+// Batched ATen path for large problems.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> large_fwd(
+    const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w) {
+  const auto acc = mu.scalar_type();
+  const auto Zt = Z.transpose(1, 2);
+  at::Tensor A = primal ? at::matmul(Zt, Z) : at::matmul(Z, Zt);
+  A = A.to(acc);
+  A.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
+  auto [L, info] = at::linalg_cholesky_ex(A, /*upper=*/false, /*check_errors=*/false);
+  at::Tensor rhs = primal ? at::matmul(Zt, Y).to(acc) : Y.to(acc);
+  at::Tensor aux = at::cholesky_solve(rhs, L, /*upper=*/false);
+  at::Tensor W;
+  if (primal) {
+    W = aux.to(Z.scalar_type());
+  } else if (compute_w) {
+    W = at::matmul(Zt, aux.to(Z.scalar_type()));
+  } else {
+    W = at::empty({0}, Z.options());
+  }
+  return {W, L, aux, info.to(at::kInt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> large_bwd(
+    const at::Tensor& G, const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& L,
+    const at::Tensor& aux, bool primal, bool need_dz, bool need_dy, bool need_dmu) {
+  const auto acc = L.scalar_type();
+  const auto dt = Z.scalar_type();
+  const auto Zt = Z.transpose(1, 2);
+  at::Tensor dZ, dY, dmu;
+  if (!primal) {
+    at::Tensor Bm = at::cholesky_solve(at::matmul(Z, G).to(acc), L, /*upper=*/false);
+    if (need_dmu) dmu = -(Bm * aux).sum({1, 2});
+    const at::Tensor Bm_s = Bm.to(dt);
+    if (need_dy) dY = Bm_s;
+    if (need_dz) {
+      const at::Tensor alpha = aux.to(dt);
+      const int64_t N = Z.size(1), d = Z.size(2), C = G.size(2);
+      if (2 * N * C + N * d < 3 * d * C) {
+        // (dA + dAᵀ)Z with dA = −Bm αᵀ, formed as an N×N matrix: cheaper when C is large.
+        at::Tensor S = at::matmul(Bm_s, alpha.transpose(1, 2));
+        S = S + S.transpose(1, 2);
+        dZ = at::matmul(alpha, G.transpose(1, 2)) - at::matmul(S, Z);
+      } else {
+        const at::Tensor W = at::matmul(Zt, alpha);
+        const at::Tensor T = G - at::matmul(Zt, Bm_s);
+        dZ = at::matmul(alpha, T.transpose(1, 2)) - at::matmul(Bm_s, W.transpose(1, 2));
+      }
+    }
+  } else {
+    at::Tensor V = at::cholesky_solve(G.to(acc), L, /*upper=*/false);
+    if (need_dmu) dmu = -(V * aux).sum({1, 2});
+    if (need_dy || need_dz) {
+      const at::Tensor V_s = V.to(dt), W = aux.to(dt);
+      const at::Tensor zv = at::matmul(Z, V_s);
+      if (need_dy) dY = zv;
+      if (need_dz) {
+        const at::Tensor res = Y - at::matmul(Z, W);
+        dZ = at::matmul(res, V_s.transpose(1, 2)) - at::matmul(zv, W.transpose(1, 2));
+      }
+    }
+  }
+  return {dZ, dY, dmu};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd(
+    const at::Tensor& Z_in, const at::Tensor& Y_in, const at::Tensor& mu_in, bool primal,
+    bool compute_w) {
+  check_inputs(Z_in, Y_in, mu_in);
+  const int64_t B = Z_in.size(0), N = Z_in.size(1), d = Z_in.size(2), C = Y_in.size(2);
+  if (!use_small_path(N, d, C, primal)) return large_fwd(Z_in, Y_in, mu_in, primal, compute_w);
+
+  const at::Tensor Z = Z_in.contiguous(), Y = Y_in.contiguous(), mu = mu_in.contiguous();
+  const int64_t n = primal ? d : N;
+  const auto acc = mu.scalar_type();
+  at::Tensor W = at::empty({B, d, C}, Z.options());
+  at::Tensor L = at::empty({B, n, n}, Z.options().dtype(acc));
+  at::Tensor aux = at::empty({B, n, C}, Z.options().dtype(acc));
+  at::Tensor info = at::zeros({B}, Z.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "ridge_solve_fwd", [&] {
+    using io_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(acc, "ridge_solve_fwd_acc", [&] {
+      using acc_t = scalar_t;
+      const io_t* z = Z.data_ptr<io_t>();
+      const io_t* y = Y.data_ptr<io_t>();
+      const acc_t* m = mu.data_ptr<acc_t>();
+      io_t* w = W.data_ptr<io_t>();
+      acc_t* l = L.data_ptr<acc_t>();
+      acc_t* a = aux.data_ptr<acc_t>();
+      int* inf = info.data_ptr<int>();
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          small_fwd_one<io_t, acc_t>(z + b * N * d, y + b * N * C, m[b], N, d, C, primal,
+                                     compute_w, w + b * d * C, l + b * n * n, a + b * n * C,
+                                     inf + b);
+      });
+    });
+  });
+  return {W, L, aux, info};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd(
+    const at::Tensor& G_in, const at::Tensor& Z_in, const at::Tensor& Y_in, const at::Tensor& L_in,
+    const at::Tensor& aux_in, bool primal, bool need_dz, bool need_dy, bool need_dmu) {
+  const int64_t B = Z_in.size(0), N = Z_in.size(1), d = Z_in.size(2), C = Y_in.size(2);
+  TORCH_CHECK(G_in.dim() == 3 && G_in.size(0) == B && G_in.size(1) == d && G_in.size(2) == C,
+              "grad_W: expected shape [", B, ", ", d, ", ", C, "], got ", G_in.sizes());
+  const at::Tensor G = G_in.to(Z_in.scalar_type());
+  if (!use_small_path(N, d, C, primal))
+    return large_bwd(G, Z_in, Y_in, L_in, aux_in, primal, need_dz, need_dy, need_dmu);
+
+  const at::Tensor Gc = G.contiguous(), Z = Z_in.contiguous(), Y = Y_in.contiguous();
+  const at::Tensor L = L_in.contiguous(), aux = aux_in.contiguous();
+  const int64_t n = primal ? d : N;
+  at::Tensor dZ = need_dz ? at::empty({B, N, d}, Z.options()) : at::Tensor();
+  at::Tensor dY = need_dy ? at::empty({B, N, C}, Z.options()) : at::Tensor();
+  at::Tensor dmu = need_dmu ? at::empty({B}, L.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "ridge_solve_bwd", [&] {
+    using io_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "ridge_solve_bwd_acc", [&] {
+      using acc_t = scalar_t;
+      const io_t* g = Gc.data_ptr<io_t>();
+      const io_t* z = Z.data_ptr<io_t>();
+      const io_t* y = Y.data_ptr<io_t>();
+      const acc_t* l = L.data_ptr<acc_t>();
+      const acc_t* a = aux.data_ptr<acc_t>();
+      io_t* dz = need_dz ? dZ.data_ptr<io_t>() : nullptr;
+      io_t* dy = need_dy ? dY.data_ptr<io_t>() : nullptr;
+      acc_t* dm = need_dmu ? dmu.data_ptr<acc_t>() : nullptr;
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          small_bwd_one<io_t, acc_t>(g + b * d * C, z + b * N * d, y + b * N * C,
+                                     l + b * n * n, a + b * n * C, N, d, C, primal,
+                                     dz ? dz + b * N * d : nullptr,
+                                     dy ? dy + b * N * C : nullptr, dm ? dm + b : nullptr);
+      });
+    });
+  });
+  return {dZ, dY, dmu};
+}
+
+at::Tensor cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
+  TORCH_CHECK(R.dim() == 3 && L.dim() == 3 && R.size(0) == L.size(0) && R.size(1) == L.size(1),
+              "cholesky_solve: R [B, n, C] and L [B, n, n] expected, got ", R.sizes(), " and ",
+              L.sizes());
+  const int64_t B = R.size(0), n = R.size(1), C = R.size(2);
+  if (n > kSmallN) return at::cholesky_solve(R.to(L.scalar_type()), L, /*upper=*/false);
+  at::Tensor X = R.to(L.scalar_type()).contiguous().clone();
+  const at::Tensor Lc = L.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cholesky_solve", [&] {
+    scalar_t* x = X.data_ptr<scalar_t>();
+    const scalar_t* l = Lc.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        cholesky_solve_inplace<scalar_t>(l + b * n * n, x + b * n * C, n, C);
+    });
+  });
+  return X;
+}
+
+}  // namespace cpu
+}  // namespace ddfast
