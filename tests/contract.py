@@ -1,0 +1,112 @@
+"""Contract test base class: an op supplies inputs, its reference and its kernel; the suite follows.
+
+A subclass defines
+
+* ``make_inputs(case, dtype)`` -> dict of named tensors (differentiable ones with requires_grad)
+  plus non-tensor keyword arguments under ``"kwargs"``,
+* ``reference(inputs)`` -> output of the eager reference,
+* ``kernel(inputs, backend)`` -> output of the public op on ``backend``,
+* ``gradcheck_cases`` / ``parity_cases`` (lists of cases) and ``backends`` (pytest params),
+
+and inherits float64 gradcheck and float32 parity (forward and every input gradient, random
+grad_output) for every backend.
+
+Tolerances (float32 parity): the kernel's error against the float64 reference must be at most
+``2 × (float32 reference error) + atol`` (the rule flash-attention uses), with ``atol`` relative to
+the output's magnitude. A Cholesky solve and an LU solve differ in rounding, but both are backward
+stable: 2× the reference's own float32 error bounds the difference between well-implemented solvers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# (atol relative to max |output|, rtol) per dtype, with the reason.
+TOLERANCES = {
+    # float64: both sides are backward-stable solvers in double precision; cond(A) ≤ ~1e4 in the cases.
+    torch.float64: (1e-10, 1e-9),
+    # float32: used only as the additive floor of the 2×-reference rule.
+    torch.float32: (2e-5, 0.0),
+}
+
+
+def _clone_inputs(inputs, dtype=None):
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to(dtype) if dtype is not None else v.detach().clone()
+            out[k] = t.requires_grad_(v.requires_grad)
+        else:
+            out[k] = v
+    return out
+
+
+def _grads(out, inputs, grad_out):
+    names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    gs = torch.autograd.grad(out, [inputs[k] for k in names], grad_out, allow_unused=True)
+    return dict(zip(names, gs))
+
+
+class OpContract:
+    gradcheck_cases: list = []
+    parity_cases: list = []
+    backends: list = []
+
+    # -- to implement ------------------------------------------------------
+    def make_inputs(self, case, dtype):
+        raise NotImplementedError
+
+    def reference(self, inputs):
+        raise NotImplementedError
+
+    def kernel(self, inputs, backend):
+        raise NotImplementedError
+
+    def parity_cases_for(self, backend):
+        return self.parity_cases
+
+    # -- the suite ---------------------------------------------------------
+    def test_gradcheck_float64(self, backend, gcase):
+        inputs = self.make_inputs(gcase, torch.float64)
+        names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+        def fn(*xs):
+            local = dict(inputs)
+            local.update(zip(names, xs))
+            return self.kernel(local, backend)
+
+        assert torch.autograd.gradcheck(fn, [inputs[k] for k in names], eps=1e-6, atol=1e-6, rtol=1e-5)
+
+    def test_parity_float32(self, backend, pcase):
+        if pcase not in self.parity_cases_for(backend):
+            pytest.skip(f"{backend}: case outside this backend's supported sizes")
+        inputs32 = self.make_inputs(pcase, torch.float32)
+        inputs64 = _clone_inputs(inputs32, torch.float64)
+        inputs_ref32 = _clone_inputs(inputs32)
+        out = self.kernel(inputs32, backend)
+        ref64 = self.reference(inputs64)
+        ref32 = self.reference(inputs_ref32)
+        assert out.shape == ref64.shape and out.dtype == torch.float32
+        grad_out = torch.randn_like(ref64)
+        g_k = _grads(out, inputs32, grad_out.float())
+        g_64 = _grads(ref64, inputs64, grad_out)
+        g_32 = _grads(ref32, inputs_ref32, grad_out.float())
+        atol_rel, _ = TOLERANCES[torch.float32]
+        pairs = [("output", out, ref64, ref32)] + [(f"grad {k}", g_k[k], g_64[k], g_32[k]) for k in g_64]
+        for what, k, r64, r32 in pairs:
+            assert torch.isfinite(k).all(), f"{what}: non-finite"
+            err_k = (k.double() - r64).abs().max().item()
+            err_r = (r32.double() - r64).abs().max().item()
+            atol = atol_rel * max(r64.abs().max().item(), 1.0)
+            assert err_k <= 2 * err_r + atol, f"{what}: kernel error {err_k:.3g} > 2×{err_r:.3g} + {atol:.3g}"
+
+    def test_float64_matches_reference(self, backend, pcase):
+        if pcase not in self.parity_cases_for(backend):
+            pytest.skip(f"{backend}: case outside this backend's supported sizes")
+        inputs = self.make_inputs(pcase, torch.float64)
+        ref_inputs = _clone_inputs(inputs)
+        out, ref = self.kernel(inputs, backend), self.reference(ref_inputs)
+        atol_rel, rtol = TOLERANCES[torch.float64]
+        scale = max(ref.abs().max().item(), 1.0)
+        torch.testing.assert_close(out, ref, atol=atol_rel * scale, rtol=rtol)
