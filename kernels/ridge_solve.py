@@ -375,10 +375,10 @@ def _launch_config(n: int, c: int, dtype: torch.dtype) -> dict:
     wide = max(block_f, block_c)
     use_dot = dtype == torch.float32
     if use_dot:
-        block_s = 32
+        block_s = 16 if block_f * wide >= 4096 else 32
     else:
         # broadcast products materialise block_f * block_s * wide elements
-        block_s = min(16, max(2, _prev_pow2(8192 // (block_f * wide))))
+        block_s = min(16, max(1, _prev_pow2(4096 // (block_f * wide))))
     num_warps = 8 if block_f * wide >= 4096 else 4
     return dict(USE_DOT=use_dot, BLOCK_F=block_f, BLOCK_S=block_s, BLOCK_C=block_c,
                 num_warps=num_warps)

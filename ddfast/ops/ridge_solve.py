@@ -303,10 +303,13 @@ def _validate(named, lam, reg, solve_dtype):
     else:
         raise TypeError(f"lam: expected a positive float or a tensor, got {type(lam).__name__}")
     if settings.check_finite:
-        finite = torch.stack([torch.isfinite(x).all() for _, x in named])
-        if not bool(finite.all()):
-            name = named[int((~finite).nonzero()[0])][0]
-            raise ValueError(f"{name}: contains NaN or Inf")
+        # One reduction per input and one host sync; the exact per-element test runs only when the
+        # sums are non-finite (a NaN/Inf, or a finite overflow that is then let through).
+        sums = torch.stack([x.detach().sum(dtype=torch.float64) for _, x in named])
+        if not bool(torch.isfinite(sums).all()):
+            for name, x in named:
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def _flat(x):
