@@ -30,7 +30,6 @@ because ``tl.dot`` on float64 is not available on every GPU code path.
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -63,10 +62,6 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     TRITON_AVAILABLE = False
     TRITON_UNAVAILABLE_REASON = f"triton is not importable ({type(exc).__name__}: {exc})"
-
-# Whether the kernels below were built for the Triton CPU interpreter. The
-# decision is taken by ``triton.jit`` when the decorators run, i.e. at import.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if TRITON_AVAILABLE:
@@ -355,6 +350,12 @@ if TRITON_AVAILABLE:
                              mask=mask_f[:, None] & mask_s[None, :])
 
 
+# Whether the kernels were built for the Triton CPU interpreter (TRITON_INTERPRET
+# set when the ``triton.jit`` decorators ran, i.e. at import). Only then can
+# they run on CPU tensors.
+_INTERPRETED = TRITON_AVAILABLE and not isinstance(_ridge_solve_fwd_kernel, triton.runtime.JITFunction)
+
+
 # ---------------------------------------------------------------------- #
 # Launch helpers                                                         #
 # ---------------------------------------------------------------------- #
@@ -406,7 +407,7 @@ def not_supported_reasons(Z, Y, primal: bool) -> List[str]:
     dev = Z.device.type
     if dev == "cpu":
         if not _INTERPRETED:
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 set before importing this module")
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 set before this module is imported")
     elif dev != "cuda":
         reasons.append(f"device type {dev!r} not supported")
     _, N, d = Z.shape

@@ -344,14 +344,14 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
     sd = solve_dtype or Z.dtype
     N, d = Z.shape[-2], Z.shape[-1] + int(bias)
     primal = d < N
-    name = _select(backend, Z, Y, primal, sd, "ridge_weights")
+    Zk = append_bias(Z) if bias else Z
+    Zf, Yf = _flat(Zk), _flat(Y)
+    name = _select(backend, Zf, Yf, primal, sd, "ridge_weights")
     if name == "reference":
         return ridge_weights_ref(Z, Y, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
-    if bias:
-        Z = append_bias(Z)
-    mu = _mu(Z, lam, reg, detach_reg, sd)
-    W = RidgeWeightsFunction.apply(_flat(Z), _flat(Y), mu, primal, _KERNELS[name])
-    return W.reshape(Z.shape[:-2] + W.shape[-2:])
+    mu = _mu(Zk, lam, reg, detach_reg, sd)
+    W = RidgeWeightsFunction.apply(Zf, Yf, mu, primal, _KERNELS[name])
+    return W.reshape(Zk.shape[:-2] + W.shape[-2:])
 
 
 def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False, solve_dtype=None, backend="auto"):
@@ -374,15 +374,16 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     sd = solve_dtype or Zs.dtype
     M, N, d, C = Zq.shape[-2], Zs.shape[-2], Zs.shape[-1] + int(bias), Ys.shape[-1]
     primal = d < N
-    name = _select(backend, Zs, Ys, primal, sd, "krr_predict")
+    Zsk = append_bias(Zs) if bias else Zs
+    Zsf, Ysf = _flat(Zsk), _flat(Ys)
+    name = _select(backend, Zsf, Ysf, primal, sd, "krr_predict")
     if name == "reference":
         return krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
-    if bias:
-        Zq, Zs = append_bias(Zq), append_bias(Zs)
-    mu = _mu(Zs, lam, reg, detach_reg, sd)
-    batch = Zs.shape[:-2]
+    Zqk = append_bias(Zq) if bias else Zq
+    mu = _mu(Zsk, lam, reg, detach_reg, sd)
+    batch = Zsk.shape[:-2]
     if primal or d * C * (N + M) <= M * N * (d + C):
-        W = RidgeWeightsFunction.apply(_flat(Zs), _flat(Ys), mu, primal, _KERNELS[name])
-        return Zq @ W.reshape(batch + W.shape[-2:])
-    P = KrrPredictFunction.apply(_flat(Zq), _flat(Zs), _flat(Ys), mu, _KERNELS[name])
+        W = RidgeWeightsFunction.apply(Zsf, Ysf, mu, primal, _KERNELS[name])
+        return Zqk @ W.reshape(batch + W.shape[-2:])
+    P = KrrPredictFunction.apply(_flat(Zqk), Zsf, Ysf, mu, _KERNELS[name])
     return P.reshape(batch + P.shape[-2:])
