@@ -10,6 +10,7 @@ torch is used for the build.
 
 import glob
 import os
+import platform
 
 from setuptools import setup
 
@@ -28,9 +29,18 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
 
 
+def _cpu_arch_flags() -> list:
+    """SIMD flags for the CPU kernels: AVX2+FMA on x86-64 (every GPU-cluster host has them);
+    override with DDFAST_CPU_FLAGS (e.g. "-march=native", or "" for a baseline build)."""
+    flags = os.environ.get("DDFAST_CPU_FLAGS")
+    if flags is not None:
+        return flags.split()
+    return ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
 def _extension():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
-    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"] + _cpu_arch_flags()
     if _want_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(

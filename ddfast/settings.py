@@ -12,8 +12,9 @@ Jitter policy for the ridge / kernel-ridge solves (``ddfast.ops.ridge_solve``):
   (once per process for each call site, Python's default warning filter).
 * If a member still fails, :class:`ddfast.errors.NotPSDError` is raised: a solve never
   returns NaN silently.
-* ``check_finite``: inputs are checked for NaN/Inf (one reduction and one host sync per
-  call) and rejected with a ``ValueError`` naming the argument.
+* ``check_finite``: the op's (small) output is checked for NaN/Inf — one reduction and one host
+  sync per call; NaN/Inf inputs always reach it. A non-finite result raises ``ValueError`` naming the
+  non-finite input, or ``NotPSDError`` when every input is finite.
 
 The gradient of a jittered member is the exact gradient of the jittered system.
 """

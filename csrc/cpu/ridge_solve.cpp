@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -27,23 +28,35 @@ namespace {
 constexpr int64_t kSmallN = 64;        // largest factor size for the fused per-problem path
 constexpr int64_t kSmallWork = 1 << 22;  // and at most this many multiply-adds per problem
 
-// In-place lower Cholesky of the row-major n×n matrix A (lower triangle read).
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += acc_t(a[k]) * acc_t(b[k]);
+  return s;
+}
+
+// y += a·x
+template <typename acc_t, typename x_t>
+inline void axpy(acc_t* y, acc_t a, const x_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) y[k] += a * acc_t(x[k]);
+}
+
+// In-place lower Cholesky of the row-major n×n matrix A (lower triangle read, upper zeroed).
 // Returns 0 or the 1-based order of the first leading minor that is not positive definite.
 template <typename acc_t>
 int cholesky_inplace(acc_t* A, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     acc_t* Aj = A + j * n;
-    acc_t s = Aj[j];
-    for (int64_t k = 0; k < j; ++k) s -= Aj[k] * Aj[k];
+    const acc_t s = Aj[j] - dot<acc_t>(Aj, Aj, j);
     if (!(s > acc_t(0)) || !std::isfinite(s)) return static_cast<int>(j + 1);
     const acc_t d = std::sqrt(s);
     Aj[j] = d;
     const acc_t inv = acc_t(1) / d;
     for (int64_t i = j + 1; i < n; ++i) {
       acc_t* Ai = A + i * n;
-      acc_t t = Ai[j];
-      for (int64_t k = 0; k < j; ++k) t -= Ai[k] * Aj[k];
-      Ai[j] = t * inv;
+      Ai[j] = (Ai[j] - dot<acc_t>(Ai, Aj, j)) * inv;
     }
   }
   for (int64_t i = 0; i < n; ++i)
@@ -51,79 +64,60 @@ int cholesky_inplace(acc_t* A, int64_t n) {
   return 0;
 }
 
-// X ← (LLᵀ)⁻¹X for X row-major n×c (forward then back substitution).
+// x ← (LLᵀ)⁻¹x for one contiguous right-hand side of length n: both sweeps read rows of L.
 template <typename acc_t>
-void cholesky_solve_inplace(const acc_t* L, acc_t* X, int64_t n, int64_t c) {
-  for (int64_t i = 0; i < n; ++i) {
-    acc_t* Xi = X + i * c;
-    for (int64_t k = 0; k < i; ++k) {
-      const acc_t l = L[i * n + k];
-      const acc_t* Xk = X + k * c;
-      for (int64_t j = 0; j < c; ++j) Xi[j] -= l * Xk[j];
-    }
-    const acc_t inv = acc_t(1) / L[i * n + i];
-    for (int64_t j = 0; j < c; ++j) Xi[j] *= inv;
-  }
+void cholesky_solve_vec(const acc_t* L, acc_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - dot<acc_t>(L + i * n, x, i)) / L[i * n + i];
   for (int64_t i = n - 1; i >= 0; --i) {
-    acc_t* Xi = X + i * c;
-    for (int64_t k = i + 1; k < n; ++k) {
-      const acc_t l = L[k * n + i];
-      const acc_t* Xk = X + k * c;
-      for (int64_t j = 0; j < c; ++j) Xi[j] -= l * Xk[j];
-    }
-    const acc_t inv = acc_t(1) / L[i * n + i];
-    for (int64_t j = 0; j < c; ++j) Xi[j] *= inv;
+    x[i] /= L[i * n + i];
+    axpy<acc_t>(x, -x[i], L + i * n, i);
   }
 }
 
-// One dual or primal forward problem; all arrays contiguous row-major.
+// Rows of X (c rows of length n, i.e. the right-hand sides stored transposed) ← (LLᵀ)⁻¹.
+template <typename acc_t>
+void cholesky_solve_rows(const acc_t* L, acc_t* Xt, int64_t n, int64_t c) {
+  for (int64_t j = 0; j < c; ++j) cholesky_solve_vec(L, Xt + j * n, n);
+}
+
+// out[r][c] = in[c][r] for in c×r  (small transposes between row- and column-major right-hand sides)
+template <typename out_t, typename in_t>
+void transpose(out_t* out, const in_t* in, int64_t rows_in, int64_t cols_in) {
+  for (int64_t a = 0; a < rows_in; ++a)
+    for (int64_t b = 0; b < cols_in; ++b) out[b * rows_in + a] = static_cast<out_t>(in[a * cols_in + b]);
+}
+
+// One dual or primal forward problem; arrays contiguous row-major. Right-hand sides are kept
+// transposed (C rows) so every inner loop runs over a contiguous N- or d-long vector.
 template <typename scalar_t, typename acc_t>
 void small_fwd_one(const scalar_t* Z, const scalar_t* Y, acc_t mu, int64_t N, int64_t d, int64_t C,
                    bool primal, bool compute_w, scalar_t* W, acc_t* L, acc_t* aux, int* info) {
   const int64_t n = primal ? d : N;
+  std::vector<acc_t> Xt(C * n, acc_t(0));  // right-hand sides / solutions, transposed
   for (int64_t i = 0; i < n * n; ++i) L[i] = acc_t(0);
   if (!primal) {
     for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
-        acc_t s = 0;
-        const scalar_t* zi = Z + i * d;
-        const scalar_t* zj = Z + j * d;
-        for (int64_t k = 0; k < d; ++k) s += acc_t(zi[k]) * acc_t(zj[k]);
-        L[i * n + j] = s;
-      }
-    for (int64_t i = 0; i < N * C; ++i) aux[i] = acc_t(Y[i]);
+      for (int64_t j = 0; j <= i; ++j) L[i * n + j] = dot<acc_t>(Z + i * d, Z + j * d, d);
+    transpose(Xt.data(), Y, N, C);
   } else {
-    for (int64_t i = 0; i < d * C; ++i) aux[i] = acc_t(0);
     for (int64_t r = 0; r < N; ++r) {
       const scalar_t* zr = Z + r * d;
-      const scalar_t* yr = Y + r * C;
-      for (int64_t a = 0; a < d; ++a) {
-        const acc_t za = zr[a];
-        acc_t* La = L + a * n;
-        for (int64_t b = 0; b <= a; ++b) La[b] += za * acc_t(zr[b]);
-        acc_t* Ra = aux + a * C;
-        for (int64_t c = 0; c < C; ++c) Ra[c] += za * acc_t(yr[c]);
-      }
+      for (int64_t a = 0; a < d; ++a) axpy<acc_t>(L + a * n, acc_t(zr[a]), zr, a + 1);
+      for (int64_t c = 0; c < C; ++c) axpy<acc_t>(Xt.data() + c * n, acc_t(Y[r * C + c]), zr, d);
     }
   }
   for (int64_t i = 0; i < n; ++i) L[i * n + i] += mu;
   *info = cholesky_inplace(L, n);
   if (*info != 0) return;
-  cholesky_solve_inplace(L, aux, n, C);
+  cholesky_solve_rows(L, Xt.data(), n, C);
+  transpose(aux, Xt.data(), C, n);
   if (primal) {
-    for (int64_t i = 0; i < d * C; ++i) W[i] = static_cast<scalar_t>(aux[i]);
+    transpose(W, Xt.data(), C, n);
   } else if (compute_w) {
-    std::vector<acc_t> w(d * C, acc_t(0));
-    for (int64_t i = 0; i < N; ++i) {
-      const scalar_t* zi = Z + i * d;
-      const acc_t* ai = aux + i * C;
-      for (int64_t k = 0; k < d; ++k) {
-        const acc_t z = zi[k];
-        acc_t* wk = w.data() + k * C;
-        for (int64_t c = 0; c < C; ++c) wk[c] += z * ai[c];
-      }
-    }
-    for (int64_t i = 0; i < d * C; ++i) W[i] = static_cast<scalar_t>(w[i]);
+    std::vector<acc_t> Wt(C * d, acc_t(0));
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i) axpy<acc_t>(Wt.data() + c * d, Xt[c * n + i], Z + i * d, d);
+    transpose(W, Wt.data(), C, d);
   }
 }
 
@@ -132,90 +126,57 @@ template <typename scalar_t, typename acc_t>
 void small_bwd_one(const scalar_t* G, const scalar_t* Z, const scalar_t* Y, const acc_t* L,
                    const acc_t* aux, int64_t N, int64_t d, int64_t C, bool primal,
                    scalar_t* dZ, scalar_t* dY, acc_t* dmu) {
+  std::vector<acc_t> Gt(C * d), At(C * (primal ? d : N));
+  transpose(Gt.data(), G, d, C);
+  transpose(At.data(), aux, primal ? d : N, C);  // αᵀ (dual) or Wᵀ (primal)
   if (!primal) {
-    // Bm = A⁻¹ (Z G)
-    std::vector<acc_t> Bm(N * C, acc_t(0));
-    for (int64_t i = 0; i < N; ++i) {
-      const scalar_t* zi = Z + i * d;
-      acc_t* bi = Bm.data() + i * C;
-      for (int64_t k = 0; k < d; ++k) {
-        const acc_t z = zi[k];
-        const scalar_t* gk = G + k * C;
-        for (int64_t c = 0; c < C; ++c) bi[c] += z * acc_t(gk[c]);
-      }
-    }
-    cholesky_solve_inplace(L, Bm.data(), N, C);
-    if (dY) for (int64_t i = 0; i < N * C; ++i) dY[i] = static_cast<scalar_t>(Bm[i]);
-    if (dmu) {
-      acc_t s = 0;
-      for (int64_t i = 0; i < N * C; ++i) s += Bm[i] * aux[i];
-      *dmu = -s;
-    }
+    // Bmᵀ = (A⁻¹ Z G)ᵀ
+    std::vector<acc_t> Bt(C * N);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i) Bt[c * N + i] = dot<acc_t>(Z + i * d, Gt.data() + c * d, d);
+    cholesky_solve_rows(L, Bt.data(), N, C);
+    if (dY) transpose(dY, Bt.data(), C, N);
+    if (dmu) *dmu = -dot<acc_t>(Bt.data(), At.data(), N * C);
     if (dZ) {
-      // T = G − ZᵀBm, W = Zᵀα  (d×C);  dZ = α Tᵀ − Bm Wᵀ
-      std::vector<acc_t> T(d * C), Wv(d * C, acc_t(0));
-      for (int64_t i = 0; i < d * C; ++i) T[i] = acc_t(G[i]);
-      for (int64_t i = 0; i < N; ++i) {
-        const scalar_t* zi = Z + i * d;
-        const acc_t* bi = Bm.data() + i * C;
-        const acc_t* ai = aux + i * C;
-        for (int64_t k = 0; k < d; ++k) {
-          const acc_t z = zi[k];
-          acc_t* tk = T.data() + k * C;
-          acc_t* wk = Wv.data() + k * C;
-          for (int64_t c = 0; c < C; ++c) {
-            tk[c] -= z * bi[c];
-            wk[c] += z * ai[c];
-          }
+      // Tᵀ = (G − ZᵀBm)ᵀ, Wᵀ = (Zᵀα)ᵀ;  dZ_i = Σ_c α_ic Tᵀ_c − Bm_ic Wᵀ_c
+      std::vector<acc_t> Tt(Gt), Wt(C * d, acc_t(0));
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < N; ++i) {
+          axpy<acc_t>(Tt.data() + c * d, -Bt[c * N + i], Z + i * d, d);
+          axpy<acc_t>(Wt.data() + c * d, At[c * N + i], Z + i * d, d);
         }
-      }
+      std::vector<acc_t> row(d);
       for (int64_t i = 0; i < N; ++i) {
-        const acc_t* ai = aux + i * C;
-        const acc_t* bi = Bm.data() + i * C;
-        for (int64_t k = 0; k < d; ++k) {
-          const acc_t* tk = T.data() + k * C;
-          const acc_t* wk = Wv.data() + k * C;
-          acc_t s = 0;
-          for (int64_t c = 0; c < C; ++c) s += ai[c] * tk[c] - bi[c] * wk[c];
-          dZ[i * d + k] = static_cast<scalar_t>(s);
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          axpy<acc_t>(row.data(), At[c * N + i], Tt.data() + c * d, d);
+          axpy<acc_t>(row.data(), -Bt[c * N + i], Wt.data() + c * d, d);
         }
+        for (int64_t k = 0; k < d; ++k) dZ[i * d + k] = static_cast<scalar_t>(row[k]);
       }
     }
   } else {
-    // V = H⁻¹G; dY = Z V; dZ = (Y − Z W) Vᵀ − dY Wᵀ; dmu = −Σ V∘W   (W = aux)
-    std::vector<acc_t> V(d * C);
-    for (int64_t i = 0; i < d * C; ++i) V[i] = acc_t(G[i]);
-    cholesky_solve_inplace(L, V.data(), d, C);
-    if (dmu) {
-      acc_t s = 0;
-      for (int64_t i = 0; i < d * C; ++i) s += V[i] * aux[i];
-      *dmu = -s;
-    }
+    // Vᵀ = (H⁻¹G)ᵀ; dY = Z V; dZ_r = Σ_c (Y − ZW)_rc Vᵀ_c − (ZV)_rc Wᵀ_c; dmu = −Σ V∘W
+    std::vector<acc_t>& Vt = Gt;
+    cholesky_solve_rows(L, Vt.data(), d, C);
+    if (dmu) *dmu = -dot<acc_t>(Vt.data(), At.data(), d * C);
     if (dY || dZ) {
-      std::vector<acc_t> zv(C), zw(C);
+      std::vector<acc_t> zv(C), res(C), row(d);
       for (int64_t r = 0; r < N; ++r) {
         const scalar_t* zr = Z + r * d;
-        for (int64_t c = 0; c < C; ++c) zv[c] = zw[c] = 0;
-        for (int64_t a = 0; a < d; ++a) {
-          const acc_t z = zr[a];
-          const acc_t* va = V.data() + a * C;
-          const acc_t* wa = aux + a * C;
-          for (int64_t c = 0; c < C; ++c) {
-            zv[c] += z * va[c];
-            zw[c] += z * wa[c];
-          }
+        for (int64_t c = 0; c < C; ++c) {
+          zv[c] = dot<acc_t>(zr, Vt.data() + c * d, d);
+          res[c] = acc_t(Y[r * C + c]) - dot<acc_t>(zr, At.data() + c * d, d);
         }
-        if (dY) for (int64_t c = 0; c < C; ++c) dY[r * C + c] = static_cast<scalar_t>(zv[c]);
+        if (dY)
+          for (int64_t c = 0; c < C; ++c) dY[r * C + c] = static_cast<scalar_t>(zv[c]);
         if (dZ) {
-          const scalar_t* yr = Y + r * C;
-          for (int64_t c = 0; c < C; ++c) zw[c] = acc_t(yr[c]) - zw[c];  // residual
-          for (int64_t a = 0; a < d; ++a) {
-            const acc_t* va = V.data() + a * C;
-            const acc_t* wa = aux + a * C;
-            acc_t s = 0;
-            for (int64_t c = 0; c < C; ++c) s += zw[c] * va[c] - zv[c] * wa[c];
-            dZ[r * d + a] = static_cast<scalar_t>(s);
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t c = 0; c < C; ++c) {
+            axpy<acc_t>(row.data(), res[c], Vt.data() + c * d, d);
+            axpy<acc_t>(row.data(), -zv[c], At.data() + c * d, d);
           }
+          for (int64_t a = 0; a < d; ++a) dZ[r * d + a] = static_cast<scalar_t>(row[a]);
         }
       }
     }
@@ -311,12 +272,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> large_bwd(
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> ridge_solve_fwd(
     const at::Tensor& Z_in, const at::Tensor& Y_in, const at::Tensor& mu_in, bool primal,
     bool compute_w) {
   check_inputs(Z_in, Y_in, mu_in);
   const int64_t B = Z_in.size(0), N = Z_in.size(1), d = Z_in.size(2), C = Y_in.size(2);
-  if (!use_small_path(N, d, C, primal)) return large_fwd(Z_in, Y_in, mu_in, primal, compute_w);
+  if (!use_small_path(N, d, C, primal)) {
+    auto [W, L, aux, info] = large_fwd(Z_in, Y_in, mu_in, primal, compute_w);
+    int64_t status = info.ne(0).any().item<bool>() ? 1 : 0;
+    if (status == 0 && W.numel() > 0 && !at::isfinite(W).all().item<bool>()) status = 2;
+    return {W, L, aux, info, status};
+  }
 
   const at::Tensor Z = Z_in.contiguous(), Y = Y_in.contiguous(), mu = mu_in.contiguous();
   const int64_t n = primal ? d : N;
@@ -344,7 +310,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd(
       });
     });
   });
-  return {W, L, aux, info};
+  int64_t status = 0;
+  const int* inf = info.data_ptr<int>();
+  for (int64_t b = 0; b < B; ++b) status |= inf[b] != 0 ? 1 : 0;
+  if (status == 0 && compute_w) {
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "ridge_solve_fwd_finite", [&] {
+      const scalar_t* w = W.data_ptr<scalar_t>();
+      bool finite = true;
+      for (int64_t i = 0; i < W.numel(); ++i) finite &= std::isfinite(w[i]);
+      if (!finite) status = 2;
+    });
+  }
+  return {W, L, aux, info, status};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd(
@@ -393,17 +370,17 @@ at::Tensor cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
               L.sizes());
   const int64_t B = R.size(0), n = R.size(1), C = R.size(2);
   if (n > kSmallN) return at::cholesky_solve(R.to(L.scalar_type()), L, /*upper=*/false);
-  at::Tensor X = R.to(L.scalar_type()).contiguous().clone();
+  // Right-hand sides transposed to rows so each solve runs over contiguous vectors.
+  at::Tensor Xt = R.to(L.scalar_type()).transpose(1, 2).contiguous();
   const at::Tensor Lc = L.contiguous();
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cholesky_solve", [&] {
-    scalar_t* x = X.data_ptr<scalar_t>();
+    scalar_t* x = Xt.data_ptr<scalar_t>();
     const scalar_t* l = Lc.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        cholesky_solve_inplace<scalar_t>(l + b * n * n, x + b * n * C, n, C);
+      for (int64_t b = begin; b < end; ++b) cholesky_solve_rows<scalar_t>(l + b * n * n, x + b * n * C, n, C);
     });
   });
-  return X;
+  return Xt.transpose(1, 2);
 }
 
 }  // namespace cpu

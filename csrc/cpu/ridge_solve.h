@@ -6,8 +6,9 @@
 namespace ddfast {
 namespace cpu {
 
-// W = Zᵀ(ZZᵀ+μI)⁻¹Y (dual) or (ZᵀZ+μI)⁻¹ZᵀY (primal); returns (W, L, aux, info).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd(
+// W = Zᵀ(ZZᵀ+μI)⁻¹Y (dual) or (ZᵀZ+μI)⁻¹ZᵀY (primal); returns (W, L, aux, info, status) where
+// status = 0 all good, bit 1: some factorization failed (see info), bit 2: non-finite W.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> ridge_solve_fwd(
     const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w);
 
 // Gradients of W w.r.t. Z, Y and μ reusing the saved factor L; undefined where not needed.

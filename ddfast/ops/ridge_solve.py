@@ -21,6 +21,7 @@ Kernel contract shared by the backends (batch flattened to B, μ already regular
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 
 import torch
@@ -44,6 +45,13 @@ _FLOATS = (torch.float32, torch.float64)
 # --------------------------------------------------------------------------- backends
 
 
+def _with_status(W, L, aux, info):
+    """Kernel outputs plus the status the C++ kernel reports itself (1: a factor failed, 2: non-finite W)."""
+    if bool(info.any()):
+        return W, L, aux, info, 1
+    return W, L, aux, info, 0 if bool(torch.isfinite(W).all()) else 2
+
+
 class _CpuKernels:
     name = "cpu"
 
@@ -57,6 +65,7 @@ class _CpuKernels:
 
     @staticmethod
     def fwd(Z, Y, mu, primal, compute_w=True):
+        # The C++ kernel reports a status with the outputs: no extra reduction or sync.
         return _backends.extension().ridge_solve_fwd(Z, Y, mu, primal, compute_w)
 
     @staticmethod
@@ -89,7 +98,7 @@ class _TritonKernels:
 
     @classmethod
     def fwd(cls, Z, Y, mu, primal, compute_w=True):
-        return cls._module().ridge_solve_fwd(Z, Y, mu, primal)
+        return _with_status(*cls._module().ridge_solve_fwd(Z, Y, mu, primal))
 
     @classmethod
     def bwd(cls, G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu):
@@ -125,7 +134,7 @@ class _CudaKernels:
     @staticmethod
     def fwd(Z, Y, mu, primal, compute_w=True):
         stream = torch.cuda.current_stream(Z.device).cuda_stream
-        return _backends.extension().ridge_solve_fwd_cuda(Z, Y, mu, primal, stream)
+        return _with_status(*_backends.extension().ridge_solve_fwd_cuda(Z, Y, mu, primal, stream))
 
     @staticmethod
     def bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu):
@@ -142,10 +151,21 @@ class _CudaKernels:
 _KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
 
 
+_SELECT_CACHE: dict = {}
+
+
 def _select(backend, Z, Y, primal, solve_dtype, op):
-    candidates = {name: (lambda k=k: k.not_supported_reasons(Z, Y, primal, solve_dtype)) for name, k in _KERNELS.items()}
-    candidates["reference"] = lambda: []
-    return _backends.select(backend, candidates, op, on_gpu=Z.device.type == "cuda")
+    """Backend for kernel inputs Z [B,N,d], Y [B,N,C]; memoized on what the reasons depend on."""
+    key = (backend, os.environ.get("DDFAST_BACKEND"), Z.device, Z.dtype, solve_dtype, primal, Z.shape[1:], Y.shape[-1])
+    name = _SELECT_CACHE.get(key)
+    if name is None:
+        candidates = {n: (lambda k=k: k.not_supported_reasons(Z, Y, primal, solve_dtype)) for n, k in _KERNELS.items()}
+        candidates["reference"] = lambda: []
+        name = _backends.select(backend, candidates, op, on_gpu=Z.device.type == "cuda")
+        if len(_SELECT_CACHE) > 4096:
+            _SELECT_CACHE.clear()
+        _SELECT_CACHE[key] = name
+    return name
 
 
 # --------------------------------------------------------------------------- jitter policy
@@ -153,10 +173,12 @@ def _select(backend, Z, Y, primal, solve_dtype, op):
 
 def _factor(kernels, Z, Y, mu, primal, compute_w=True):
     """Run the fused forward; re-factor only failing members with escalating jitter (see ddfast.settings)."""
-    W, L, aux, info = kernels.fwd(Z, Y, mu, primal, compute_w)
-    bad = torch.nonzero(info).flatten()
-    if bad.numel() == 0:
+    W, L, aux, info, status = kernels.fwd(Z, Y, mu, primal, compute_w)
+    if status == 0:
         return W, L, aux
+    if status == 2:
+        raise NotPSDError("ridge solve: non-finite result")
+    bad = torch.nonzero(info).flatten()
     n = Z.shape[-1] if primal else Z.shape[-2]
     Zb, Yb, mub = Z[bad], Y[bad], mu[bad]
     scale = Zb.to(mu.dtype).pow(2).sum(dim=(-2, -1)) / n + mub
@@ -164,7 +186,7 @@ def _factor(kernels, Z, Y, mu, primal, compute_w=True):
     eps = settings.jitter_for(mu.dtype)
     for attempt in range(settings.max_jitter_tries):
         jitter = eps * (10.0**attempt) * scale
-        Wb, Lb, auxb, infob = kernels.fwd(Zb, Yb, mub + jitter, primal, compute_w)
+        Wb, Lb, auxb, infob, _ = kernels.fwd(Zb, Yb, mub + jitter, primal, compute_w)
         ok = infob == 0
         if bool(ok.any()):
             idx = bad[ok]
@@ -302,21 +324,36 @@ def _validate(named, lam, reg, solve_dtype):
             raise ValueError(f"lam: expected a finite positive float, got {lam}")
     else:
         raise TypeError(f"lam: expected a positive float or a tensor, got {type(lam).__name__}")
-    if settings.check_finite:
-        # One reduction per input and one host sync; the exact per-element test runs only when the
-        # sums are non-finite (a NaN/Inf, or a finite overflow that is then let through).
-        sums = torch.stack([x.detach().sum(dtype=torch.float64) for _, x in named])
-        if not bool(torch.isfinite(sums).all()):
-            for name, x in named:
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def _check_finite_output(out, named, op):
+    """Never a silent NaN: a non-finite result names the non-finite input, or is a solve failure.
+
+    Checking the (small) output costs one reduction; NaN/Inf inputs always propagate to it.
+    """
+    if not settings.check_finite or bool(torch.isfinite(out).all()):
+        return out
+    _raise_if_nonfinite(named)
+    raise NotPSDError(f"{op}: the solve produced non-finite values from finite inputs; increase lam")
+
+
+def _raise_if_nonfinite(named):
+    for name, x in named:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def _flat(x):
+    if x.dim() == 3:
+        return x
+    if x.dim() == 2:
+        return x.unsqueeze(0)
     return x.reshape((-1,) + x.shape[-2:])
 
 
 def _mu(Z, lam, reg, detach_reg, solve_dtype):
+    if reg == "absolute" and not isinstance(lam, torch.Tensor):
+        return torch.full((Z.shape[:-2].numel(),), float(lam), dtype=solve_dtype, device=Z.device)
     return ridge_regularizer(Z, lam, reg, detach_reg).reshape(-1).to(solve_dtype)
 
 
@@ -347,11 +384,18 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
     Zk = append_bias(Z) if bias else Z
     Zf, Yf = _flat(Zk), _flat(Y)
     name = _select(backend, Zf, Yf, primal, sd, "ridge_weights")
-    if name == "reference":
-        return ridge_weights_ref(Z, Y, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
-    mu = _mu(Zk, lam, reg, detach_reg, sd)
-    W = RidgeWeightsFunction.apply(Zf, Yf, mu, primal, _KERNELS[name])
-    return W.reshape(Zk.shape[:-2] + W.shape[-2:])
+    named = [("Z", Z), ("Y", Y)]
+    try:
+        if name == "reference":
+            W = ridge_weights_ref(Z, Y, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
+        else:
+            mu = _mu(Zk, lam, reg, detach_reg, sd)
+            W = RidgeWeightsFunction.apply(Zf, Yf, mu, primal, _KERNELS[name])
+            W = W.reshape(Zk.shape[:-2] + W.shape[-2:])
+    except NotPSDError:
+        _raise_if_nonfinite(named)
+        raise
+    return W if name == "cpu" else _check_finite_output(W, named, "ridge_weights")
 
 
 def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False, solve_dtype=None, backend="auto"):
@@ -377,13 +421,20 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     Zsk = append_bias(Zs) if bias else Zs
     Zsf, Ysf = _flat(Zsk), _flat(Ys)
     name = _select(backend, Zsf, Ysf, primal, sd, "krr_predict")
-    if name == "reference":
-        return krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
-    Zqk = append_bias(Zq) if bias else Zq
-    mu = _mu(Zsk, lam, reg, detach_reg, sd)
     batch = Zsk.shape[:-2]
-    if primal or d * C * (N + M) <= M * N * (d + C):
-        W = RidgeWeightsFunction.apply(Zsf, Ysf, mu, primal, _KERNELS[name])
-        return Zqk @ W.reshape(batch + W.shape[-2:])
-    P = KrrPredictFunction.apply(_flat(Zqk), Zsf, Ysf, mu, _KERNELS[name])
-    return P.reshape(batch + P.shape[-2:])
+    named = [("Zq", Zq), ("Zs", Zs), ("Ys", Ys)]
+    try:
+        mu = None if name == "reference" else _mu(Zsk, lam, reg, detach_reg, sd)
+        if name == "reference":
+            P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
+        elif primal or d * C * (N + M) <= M * N * (d + C):
+            W = RidgeWeightsFunction.apply(Zsf, Ysf, mu, primal, _KERNELS[name])
+            P = (append_bias(Zq) if bias else Zq) @ W.reshape(batch + W.shape[-2:])
+        else:
+            Zqk = append_bias(Zq) if bias else Zq
+            P = KrrPredictFunction.apply(_flat(Zqk), Zsf, Ysf, mu, _KERNELS[name])
+            P = P.reshape(batch + P.shape[-2:])
+    except NotPSDError:
+        _raise_if_nonfinite(named)
+        raise
+    return _check_finite_output(P, named, "krr_predict")
