@@ -265,10 +265,10 @@ def test_auto_and_fused_pick_cpu_here(monkeypatch):
     from ddfast.ops.ridge_solve import _select
 
     monkeypatch.delenv("DDFAST_BACKEND", raising=False)
-    assert _select("auto", GOOD_Z, GOOD_Y, False, torch.float32, "t") == "cpu"
-    assert _select("fused", GOOD_Z, GOOD_Y, False, torch.float32, "t") == "cpu"
+    assert _select("auto", GOOD_Z, GOOD_Y, False, False, torch.float32, "t") == "cpu"
+    assert _select("fused", GOOD_Z, GOOD_Y, False, False, torch.float32, "t") == "cpu"
     monkeypatch.setenv("DDFAST_BACKEND", "reference")
-    assert _select("auto", GOOD_Z, GOOD_Y, False, torch.float32, "t") == "reference"
+    assert _select("auto", GOOD_Z, GOOD_Y, False, False, torch.float32, "t") == "reference"
 
 
 def test_backends_report_and_info_cli():

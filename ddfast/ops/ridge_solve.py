@@ -154,12 +154,15 @@ _KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
 _SELECT_CACHE: dict = {}
 
 
-def _select(backend, Z, Y, primal, solve_dtype, op):
-    """Backend for kernel inputs Z [B,N,d], Y [B,N,C]; memoized on what the reasons depend on."""
-    key = (backend, os.environ.get("DDFAST_BACKEND"), Z.device, Z.dtype, solve_dtype, primal, Z.shape[1:], Y.shape[-1])
+def _select(backend, Z, Y, primal, bias, solve_dtype, op):
+    """Backend for features Z (..., N, d) and targets Y (..., N, C); memoized on what the reasons depend on."""
+    key = (backend, os.environ.get("DDFAST_BACKEND"), Z.device, Z.dtype, solve_dtype, primal, bias, Z.shape[-2:], Y.shape[-1])
     name = _SELECT_CACHE.get(key)
     if name is None:
-        candidates = {n: (lambda k=k: k.not_supported_reasons(Z, Y, primal, solve_dtype)) for n, k in _KERNELS.items()}
+        # The kernels' reasons look at [B, N, d(+1)] / [B, N, C] kernel inputs: pass shape-alike views.
+        Zk = Z.new_empty(()).expand(1, Z.shape[-2], Z.shape[-1] + int(bias))
+        Yk = Y.new_empty(()).expand(1, Y.shape[-2], Y.shape[-1])
+        candidates = {n: (lambda k=k: k.not_supported_reasons(Zk, Yk, primal, solve_dtype)) for n, k in _KERNELS.items()}
         candidates["reference"] = lambda: []
         name = _backends.select(backend, candidates, op, on_gpu=Z.device.type == "cuda")
         if len(_SELECT_CACHE) > 4096:
@@ -211,22 +214,41 @@ def _factor(kernels, Z, Y, mu, primal, compute_w=True):
 # --------------------------------------------------------------------------- autograd Functions
 
 
+def _kernel_view(x, bias):
+    """(..., n, k) → contiguous-batch [B, n, k(+1)], with the ones column appended when ``bias``."""
+    if x.dim() != 3:
+        x = x.unsqueeze(0) if x.dim() == 2 else x.reshape((-1,) + x.shape[-2:])
+    return append_bias(x) if bias else x
+
+
 class RidgeWeightsFunction(torch.autograd.Function):
-    """W = Zᵀ(ZZᵀ+μI)⁻¹Y (dual) or (ZᵀZ+μI)⁻¹ZᵀY (primal) on flattened batches [B,N,d], [B,N,C], μ [B]."""
+    """W = Zᵀ(ZZᵀ+μI)⁻¹Y (dual) or (ZᵀZ+μI)⁻¹ZᵀY (primal).
+
+    Z (..., N, d), Y (..., N, C), μ (B,) with B the flattened batch; ``bias`` appends the ones column
+    inside (no autograd node for it). Returns W (..., d(+1), C).
+    """
 
     @staticmethod
-    def forward(ctx, Z, Y, mu, primal, kernels):
-        W, L, aux = _factor(kernels, Z, Y, mu, primal)
-        ctx.save_for_backward(Z, Y, L, aux)
-        ctx.primal, ctx.kernels = primal, kernels
-        return W
+    def forward(ctx, Z, Y, mu, primal, bias, kernels):
+        Zk, Yk = _kernel_view(Z, bias), _kernel_view(Y, False)
+        W, L, aux = _factor(kernels, Zk, Yk, mu, primal)
+        ctx.save_for_backward(Zk, Yk, L, aux)
+        ctx.primal, ctx.bias, ctx.kernels = primal, bias, kernels
+        ctx.shapes = (Z.shape, Y.shape)
+        return W.view(Z.shape[:-2] + W.shape[-2:])
 
     @staticmethod
     def backward(ctx, G):
-        Z, Y, L, aux = ctx.saved_tensors
+        Zk, Yk, L, aux = ctx.saved_tensors
         need_dz, need_dy, need_dmu = ctx.needs_input_grad[:3]
-        dZ, dY, dmu = ctx.kernels.bwd(G, Z, Y, L, aux, ctx.primal, need_dz, need_dy, need_dmu)
-        return dZ, dY, dmu, None, None
+        G = G.reshape(Zk.shape[:1] + G.shape[-2:])
+        dZ, dY, dmu = ctx.kernels.bwd(G, Zk, Yk, L, aux, ctx.primal, need_dz, need_dy, need_dmu)
+        z_shape, y_shape = ctx.shapes
+        if dZ is not None:
+            dZ = (dZ[..., :-1] if ctx.bias else dZ).reshape(z_shape)
+        if dY is not None:
+            dY = dY.reshape(y_shape)
+        return dZ, dY, dmu, None, None, None
 
 
 class KrrPredictFunction(torch.autograd.Function):
@@ -238,18 +260,21 @@ class KrrPredictFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Zq, Zs, Ys, mu, kernels):
-        _, L, alpha = _factor(kernels, Zs, Ys, mu, False, compute_w=False)
-        alpha_io = alpha.to(Zs.dtype)
-        K_qs = Zq @ Zs.mT
-        ctx.save_for_backward(Zq, Zs, L, alpha, K_qs)
-        ctx.kernels = kernels
-        return K_qs @ alpha_io
+    def forward(ctx, Zq, Zs, Ys, mu, bias, kernels):
+        Zqk, Zsk, Ysk = _kernel_view(Zq, bias), _kernel_view(Zs, bias), _kernel_view(Ys, False)
+        _, L, alpha = _factor(kernels, Zsk, Ysk, mu, False, compute_w=False)
+        K_qs = Zqk @ Zsk.mT
+        ctx.save_for_backward(Zqk, Zsk, L, alpha, K_qs)
+        ctx.kernels, ctx.bias, ctx.shapes = kernels, bias, (Zq.shape, Zs.shape, Ys.shape)
+        P = K_qs @ alpha.to(Zs.dtype)
+        return P.view(Zq.shape[:-1] + P.shape[-1:])
 
     @staticmethod
     def backward(ctx, G):
         Zq, Zs, L, alpha, K_qs = ctx.saved_tensors
         need_dzq, need_dzs, need_dys, need_dmu = ctx.needs_input_grad[:4]
+        zq_shape, zs_shape, ys_shape = ctx.shapes
+        G = G.reshape(Zq.shape[:-1] + G.shape[-1:])
         dZq = dZs = dYs = dmu = None
         alpha_io = alpha.to(Zs.dtype)
         if need_dzq or need_dzs:
@@ -261,13 +286,18 @@ class KrrPredictFunction(torch.autograd.Function):
         if need_dzs or need_dys or need_dmu:
             Bm = ctx.kernels.cholesky_solve(K_qs.mT @ G, L)
             if need_dys:
-                dYs = Bm.to(Zs.dtype)
+                dYs = Bm.to(Zs.dtype).reshape(ys_shape)
             if need_dmu:
                 dmu = -(Bm * alpha).sum(dim=(-2, -1))
             if need_dzs:
                 S = Bm.to(Zs.dtype) @ alpha_io.mT
                 dZs = dZs - (S + S.mT) @ Zs
-        return dZq, dZs, dYs, dmu, None
+        if ctx.bias:
+            dZq = dZq[..., :-1] if dZq is not None else None
+            dZs = dZs[..., :-1] if dZs is not None else None
+        dZq = dZq.reshape(zq_shape) if dZq is not None else None
+        dZs = dZs.reshape(zs_shape) if dZs is not None else None
+        return dZq, dZs, dYs, dmu, None, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -343,18 +373,10 @@ def _raise_if_nonfinite(named):
             raise ValueError(f"{name}: contains NaN or Inf")
 
 
-def _flat(x):
-    if x.dim() == 3:
-        return x
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.reshape((-1,) + x.shape[-2:])
-
-
-def _mu(Z, lam, reg, detach_reg, solve_dtype):
+def _mu(Z, lam, reg, detach_reg, bias, solve_dtype):
     if reg == "absolute" and not isinstance(lam, torch.Tensor):
         return torch.full((Z.shape[:-2].numel(),), float(lam), dtype=solve_dtype, device=Z.device)
-    return ridge_regularizer(Z, lam, reg, detach_reg).reshape(-1).to(solve_dtype)
+    return ridge_regularizer(Z, lam, reg, detach_reg, bias).reshape(-1).to(solve_dtype)
 
 
 # --------------------------------------------------------------------------- public API
@@ -381,17 +403,14 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
     sd = solve_dtype or Z.dtype
     N, d = Z.shape[-2], Z.shape[-1] + int(bias)
     primal = d < N
-    Zk = append_bias(Z) if bias else Z
-    Zf, Yf = _flat(Zk), _flat(Y)
-    name = _select(backend, Zf, Yf, primal, sd, "ridge_weights")
+    name = _select(backend, Z, Y, primal, bias, sd, "ridge_weights")
     named = [("Z", Z), ("Y", Y)]
     try:
         if name == "reference":
             W = ridge_weights_ref(Z, Y, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
         else:
-            mu = _mu(Zk, lam, reg, detach_reg, sd)
-            W = RidgeWeightsFunction.apply(Zf, Yf, mu, primal, _KERNELS[name])
-            W = W.reshape(Zk.shape[:-2] + W.shape[-2:])
+            mu = _mu(Z, lam, reg, detach_reg, bias, sd)
+            W = RidgeWeightsFunction.apply(Z, Y, mu, primal, bias, _KERNELS[name])
     except NotPSDError:
         _raise_if_nonfinite(named)
         raise
@@ -418,22 +437,18 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     sd = solve_dtype or Zs.dtype
     M, N, d, C = Zq.shape[-2], Zs.shape[-2], Zs.shape[-1] + int(bias), Ys.shape[-1]
     primal = d < N
-    Zsk = append_bias(Zs) if bias else Zs
-    Zsf, Ysf = _flat(Zsk), _flat(Ys)
-    name = _select(backend, Zsf, Ysf, primal, sd, "krr_predict")
-    batch = Zsk.shape[:-2]
+    name = _select(backend, Zs, Ys, primal, bias, sd, "krr_predict")
     named = [("Zq", Zq), ("Zs", Zs), ("Ys", Ys)]
     try:
-        mu = None if name == "reference" else _mu(Zsk, lam, reg, detach_reg, sd)
         if name == "reference":
             P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
         elif primal or d * C * (N + M) <= M * N * (d + C):
-            W = RidgeWeightsFunction.apply(Zsf, Ysf, mu, primal, _KERNELS[name])
-            P = (append_bias(Zq) if bias else Zq) @ W.reshape(batch + W.shape[-2:])
+            mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
+            W = RidgeWeightsFunction.apply(Zs, Ys, mu, primal, bias, _KERNELS[name])
+            P = Zq @ W[..., :-1, :] + W[..., -1:, :] if bias else Zq @ W
         else:
-            Zqk = append_bias(Zq) if bias else Zq
-            P = KrrPredictFunction.apply(_flat(Zqk), Zsf, Ysf, mu, _KERNELS[name])
-            P = P.reshape(batch + P.shape[-2:])
+            mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
+            P = KrrPredictFunction.apply(Zq, Zs, Ys, mu, bias, _KERNELS[name])
     except NotPSDError:
         _raise_if_nonfinite(named)
         raise

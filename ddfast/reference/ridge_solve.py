@@ -26,11 +26,14 @@ def append_bias(Z: torch.Tensor) -> torch.Tensor:
     return torch.cat([Z, Z.new_ones(Z.shape[:-1] + (1,))], dim=-1)
 
 
-def ridge_regularizer(Z: torch.Tensor, lam, reg: str = "absolute", detach_reg: bool = False) -> torch.Tensor:
+def ridge_regularizer(
+    Z: torch.Tensor, lam, reg: str = "absolute", detach_reg: bool = False, bias: bool = False
+) -> torch.Tensor:
     """μ of shape ``Z.shape[:-2]`` for features ``Z (..., N, d)``.
 
     ``lam`` is a float or a tensor broadcastable to the batch shape. With ``detach_reg`` the
-    trace term carries no gradient (as KRR-ST does); λ itself always does.
+    trace term carries no gradient (as KRR-ST does); λ itself always does. ``bias=True`` gives μ
+    of the bias-augmented features [Z, 1] (tr grows by N) without forming them.
     """
     batch = Z.shape[:-2]
     lam_t = torch.as_tensor(lam, dtype=Z.dtype, device=Z.device)
@@ -39,6 +42,8 @@ def ridge_regularizer(Z: torch.Tensor, lam, reg: str = "absolute", detach_reg: b
     else:
         Zr = Z.detach() if detach_reg else Z
         trace = Zr.pow(2).sum(dim=(-2, -1))
+        if bias:
+            trace = trace + Z.shape[-2]
         if reg == "trace_mean":
             trace = trace / Z.shape[-2]
         elif reg != "trace":
