@@ -5,9 +5,14 @@
 //
 // Seed: label-distillation §3 eq. 2–3; krr-st-selfsup §3.2 eq. 4.
 // Equivalent PyTorch: ddfast.reference.ridge_solve.
+// Built with -DDDFAST_HOST_EMULATION (tests/test_cuda_compile.py) the kernels compile as host C++
+// and run one thread per block, which checks their arithmetic on a machine without a GPU.
+#ifndef DDFAST_HOST_EMULATION
 #include <cuda_runtime.h>
 
 #include "ridge_solve.h"
+#define DDFAST_DYNAMIC_SHARED(name) extern __shared__ unsigned char name[]
+#endif
 
 namespace ddfast {
 namespace cuda {
@@ -97,7 +102,7 @@ __global__ void ridge_solve_fwd_kernel(const T* __restrict__ Zg, const T* __rest
                                        const T* __restrict__ mu, T* __restrict__ Wg,
                                        T* __restrict__ Lg, T* __restrict__ auxg, int* __restrict__ info,
                                        int N, int d, int C, bool primal) {
-  extern __shared__ unsigned char smem_raw[];
+  DDFAST_DYNAMIC_SHARED(smem_raw);
   T* A = reinterpret_cast<T*>(smem_raw);
   const int n = primal ? d : N;
   T* X = A + n * n;
@@ -162,7 +167,7 @@ __global__ void ridge_solve_bwd_kernel(const T* __restrict__ Gg, const T* __rest
                                        const T* __restrict__ auxg, T* __restrict__ dZg,
                                        T* __restrict__ dYg, T* __restrict__ dmu,
                                        T* __restrict__ scratch, int N, int d, int C, bool primal) {
-  extern __shared__ unsigned char smem_raw[];
+  DDFAST_DYNAMIC_SHARED(smem_raw);
   T* A = reinterpret_cast<T*>(smem_raw);
   const int n = primal ? d : N;
   T* X = A + n * n;          // n×C right-hand sides
@@ -244,6 +249,11 @@ __global__ void ridge_solve_bwd_kernel(const T* __restrict__ Gg, const T* __rest
   }
 }
 
+}  // namespace
+
+#ifndef DDFAST_HOST_EMULATION
+namespace {
+
 template <typename T, typename Kernel>
 int prepare_shared(Kernel kernel, size_t bytes) {
   int device = 0, optin = 0;
@@ -322,6 +332,8 @@ template int ridge_solve_bwd_launch<float>(const float*, const float*, const flo
 template int ridge_solve_bwd_launch<double>(const double*, const double*, const double*,
                                             const double*, const double*, double*, double*, double*,
                                             int64_t, int64_t, int64_t, int64_t, bool, cudaStream_t);
+
+#endif  // DDFAST_HOST_EMULATION
 
 }  // namespace cuda
 }  // namespace ddfast
