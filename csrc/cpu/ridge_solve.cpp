@@ -30,6 +30,18 @@ constexpr int64_t kSmallWork = 1 << 22;  // and at most this many multiply-adds 
 
 template <typename acc_t, typename a_t, typename b_t>
 inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
+  if (n < 32) {  // short rows (triangular factor/solves): 4 independent chains, no SIMD prologue
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+      s0 += acc_t(a[k]) * acc_t(b[k]);
+      s1 += acc_t(a[k + 1]) * acc_t(b[k + 1]);
+      s2 += acc_t(a[k + 2]) * acc_t(b[k + 2]);
+      s3 += acc_t(a[k + 3]) * acc_t(b[k + 3]);
+    }
+    for (; k < n; ++k) s0 += acc_t(a[k]) * acc_t(b[k]);
+    return (s0 + s1) + (s2 + s3);
+  }
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < n; ++k) s += acc_t(a[k]) * acc_t(b[k]);
@@ -41,6 +53,26 @@ template <typename acc_t, typename x_t>
 inline void axpy(acc_t* y, acc_t a, const x_t* x, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) y[k] += a * acc_t(x[k]);
+}
+
+// out[k] (+)= Σ_r coef[r·cs] · M[r·ld + k] for k < len: a linear combination of `rows` rows, vectorized
+// over k with the accumulator in registers (one load per multiply-add; no store traffic per row).
+template <typename acc_t, typename m_t>
+inline void combine_rows(acc_t* out, const acc_t* coef, int64_t cs, const m_t* M, int64_t ld,
+                         int64_t rows, int64_t len, bool accumulate) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t k0 = 0; k0 < len; k0 += kChunk) {
+    const int64_t k1 = std::min(len, k0 + kChunk);
+    acc_t acc[kChunk];
+    for (int64_t k = k0; k < k1; ++k) acc[k - k0] = accumulate ? out[k] : acc_t(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t a = coef[r * cs];
+      const m_t* m = M + r * ld;
+#pragma omp simd
+      for (int64_t k = k0; k < k1; ++k) acc[k - k0] += a * acc_t(m[k]);
+    }
+    for (int64_t k = k0; k < k1; ++k) out[k] = acc[k - k0];
+  }
 }
 
 // In-place lower Cholesky of the row-major n×n matrix A (lower triangle read, upper zeroed).
@@ -100,11 +132,14 @@ void small_fwd_one(const scalar_t* Z, const scalar_t* Y, acc_t mu, int64_t N, in
       for (int64_t j = 0; j <= i; ++j) L[i * n + j] = dot<acc_t>(Z + i * d, Z + j * d, d);
     transpose(Xt.data(), Y, N, C);
   } else {
-    for (int64_t r = 0; r < N; ++r) {
-      const scalar_t* zr = Z + r * d;
-      for (int64_t a = 0; a < d; ++a) axpy<acc_t>(L + a * n, acc_t(zr[a]), zr, a + 1);
-      for (int64_t c = 0; c < C; ++c) axpy<acc_t>(Xt.data() + c * n, acc_t(Y[r * C + c]), zr, d);
-    }
+    // Columns of Z and Y as contiguous rows: H_ab = <Z_:a, Z_:b>, (ZᵀY)ᵀ_ca = <Y_:c, Z_:a> over N.
+    std::vector<scalar_t> Zt(d * N), Yt(C * N);
+    transpose(Zt.data(), Z, N, d);
+    transpose(Yt.data(), Y, N, C);
+    for (int64_t a = 0; a < d; ++a)
+      for (int64_t b = 0; b <= a; ++b) L[a * n + b] = dot<acc_t>(Zt.data() + a * N, Zt.data() + b * N, N);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t a = 0; a < d; ++a) Xt[c * n + a] = dot<acc_t>(Yt.data() + c * N, Zt.data() + a * N, N);
   }
   for (int64_t i = 0; i < n; ++i) L[i * n + i] += mu;
   *info = cholesky_inplace(L, n);
@@ -114,9 +149,8 @@ void small_fwd_one(const scalar_t* Z, const scalar_t* Y, acc_t mu, int64_t N, in
   if (primal) {
     transpose(W, Xt.data(), C, n);
   } else if (compute_w) {
-    std::vector<acc_t> Wt(C * d, acc_t(0));
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < N; ++i) axpy<acc_t>(Wt.data() + c * d, Xt[c * n + i], Z + i * d, d);
+    std::vector<acc_t> Wt(C * d);
+    for (int64_t c = 0; c < C; ++c) combine_rows<acc_t>(Wt.data() + c * d, Xt.data() + c * n, 1, Z, d, N, d, false);
     transpose(W, Wt.data(), C, d);
   }
 }
@@ -139,19 +173,22 @@ void small_bwd_one(const scalar_t* G, const scalar_t* Z, const scalar_t* Y, cons
     if (dmu) *dmu = -dot<acc_t>(Bt.data(), At.data(), N * C);
     if (dZ) {
       // Tᵀ = (G − ZᵀBm)ᵀ, Wᵀ = (Zᵀα)ᵀ;  dZ_i = Σ_c α_ic Tᵀ_c − Bm_ic Wᵀ_c
-      std::vector<acc_t> Tt(Gt), Wt(C * d, acc_t(0));
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < N; ++i) {
-          axpy<acc_t>(Tt.data() + c * d, -Bt[c * N + i], Z + i * d, d);
-          axpy<acc_t>(Wt.data() + c * d, At[c * N + i], Z + i * d, d);
-        }
+      // Stacked as [Tᵀ; −Wᵀ] (2C rows of d) against coefficients [α; Bm] per row i of dZ.
+      std::vector<acc_t> TW(2 * C * d), negB(C * N), coef(2 * C * N);
+      for (int64_t i = 0; i < C * N; ++i) negB[i] = -Bt[i];
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* t = TW.data() + c * d;  // Tᵀ_c = G_c − Σ_i Bm_ic Z_i
+        std::copy(Gt.data() + c * d, Gt.data() + (c + 1) * d, t);
+        combine_rows<acc_t>(t, negB.data() + c * N, 1, Z, d, N, d, true);
+        acc_t* w = TW.data() + (C + c) * d;  // −Wᵀ_c = −Σ_i α_ic Z_i
+        combine_rows<acc_t>(w, At.data() + c * N, 1, Z, d, N, d, false);
+        for (int64_t k = 0; k < d; ++k) w[k] = -w[k];
+      }
+      std::copy(At.begin(), At.end(), coef.begin());
+      std::copy(Bt.begin(), Bt.end(), coef.begin() + C * N);
       std::vector<acc_t> row(d);
       for (int64_t i = 0; i < N; ++i) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          axpy<acc_t>(row.data(), At[c * N + i], Tt.data() + c * d, d);
-          axpy<acc_t>(row.data(), -Bt[c * N + i], Wt.data() + c * d, d);
-        }
+        combine_rows<acc_t>(row.data(), coef.data() + i, N, TW.data(), d, 2 * C, d, false);
         for (int64_t k = 0; k < d; ++k) dZ[i * d + k] = static_cast<scalar_t>(row[k]);
       }
     }
