@@ -243,12 +243,31 @@ void check_inputs(const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu
               "mu: the solve dtype must be at least as wide as Z's dtype");
 }
 
+// Lower block triangle of X Xᵀ for X [B,n,k] (the only part the Cholesky reads): for large n the
+// symmetric Gram is formed from the ~(m+1)/2m share of m×m blocks on or below the diagonal.
+at::Tensor gram_lower(const at::Tensor& X) {
+  const int64_t n = X.size(1);
+  constexpr int64_t kBlocks = 4;
+  if (n < 512) return at::matmul(X, X.transpose(1, 2));
+  const int64_t bs = (n + kBlocks - 1) / kBlocks;
+  at::Tensor A = at::zeros({X.size(0), n, n}, X.options());
+  for (int64_t i0 = 0; i0 < n; i0 += bs) {
+    const int64_t ni = std::min(bs, n - i0);
+    const at::Tensor Xi = X.narrow(1, i0, ni);
+    for (int64_t j0 = 0; j0 <= i0; j0 += bs) {
+      const int64_t nj = std::min(bs, n - j0);
+      A.narrow(1, i0, ni).narrow(2, j0, nj).copy_(at::matmul(Xi, X.narrow(1, j0, nj).transpose(1, 2)));
+    }
+  }
+  return A;
+}
+
 // Batched ATen path for large problems.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> large_fwd(
     const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w) {
   const auto acc = mu.scalar_type();
   const auto Zt = Z.transpose(1, 2);
-  at::Tensor A = primal ? at::matmul(Zt, Z) : at::matmul(Z, Zt);
+  at::Tensor A = gram_lower(primal ? Zt : Z);
   A = A.to(acc);
   A.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
   auto [L, info] = at::linalg_cholesky_ex(A, /*upper=*/false, /*check_errors=*/false);
