@@ -25,7 +25,7 @@ namespace ddfast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kSmallN = 64;        // largest factor size for the fused per-problem path
+constexpr int64_t kSmallN = 128;       // largest factor size for the fused per-problem path
 constexpr int64_t kSmallWork = 1 << 22;  // and at most this many multiply-adds per problem
 
 template <typename acc_t, typename a_t, typename b_t>
@@ -128,16 +128,21 @@ void small_fwd_one(const scalar_t* Z, const scalar_t* Y, acc_t mu, int64_t N, in
   std::vector<acc_t> Xt(C * n, acc_t(0));  // right-hand sides / solutions, transposed
   for (int64_t i = 0; i < n * n; ++i) L[i] = acc_t(0);
   if (!primal) {
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j <= i; ++j) L[i * n + j] = dot<acc_t>(Z + i * d, Z + j * d, d);
+    // Rows split over threads when the batch itself is not (nested parallel_for runs inline).
+    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / (d * N + 1)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = 0; j <= i; ++j) L[i * n + j] = dot<acc_t>(Z + i * d, Z + j * d, d);
+    });
     transpose(Xt.data(), Y, N, C);
   } else {
     // Columns of Z and Y as contiguous rows: H_ab = <Z_:a, Z_:b>, (ZᵀY)ᵀ_ca = <Y_:c, Z_:a> over N.
     std::vector<scalar_t> Zt(d * N), Yt(C * N);
     transpose(Zt.data(), Z, N, d);
     transpose(Yt.data(), Y, N, C);
-    for (int64_t a = 0; a < d; ++a)
-      for (int64_t b = 0; b <= a; ++b) L[a * n + b] = dot<acc_t>(Zt.data() + a * N, Zt.data() + b * N, N);
+    at::parallel_for(0, d, std::max<int64_t>(1, 8192 / (d * N + 1)), [&](int64_t a0, int64_t a1) {
+      for (int64_t a = a0; a < a1; ++a)
+        for (int64_t b = 0; b <= a; ++b) L[a * n + b] = dot<acc_t>(Zt.data() + a * N, Zt.data() + b * N, N);
+    });
     for (int64_t c = 0; c < C; ++c)
       for (int64_t a = 0; a < d; ++a) Xt[c * n + a] = dot<acc_t>(Yt.data() + c * N, Zt.data() + a * N, N);
   }
@@ -186,11 +191,13 @@ void small_bwd_one(const scalar_t* G, const scalar_t* Z, const scalar_t* Y, cons
       }
       std::copy(At.begin(), At.end(), coef.begin());
       std::copy(Bt.begin(), Bt.end(), coef.begin() + C * N);
-      std::vector<acc_t> row(d);
-      for (int64_t i = 0; i < N; ++i) {
-        combine_rows<acc_t>(row.data(), coef.data() + i, N, TW.data(), d, 2 * C, d, false);
-        for (int64_t k = 0; k < d; ++k) dZ[i * d + k] = static_cast<scalar_t>(row[k]);
-      }
+      at::parallel_for(0, N, std::max<int64_t>(1, 4096 / (2 * C * d + 1)), [&](int64_t i0, int64_t i1) {
+        std::vector<acc_t> row(d);
+        for (int64_t i = i0; i < i1; ++i) {
+          combine_rows<acc_t>(row.data(), coef.data() + i, N, TW.data(), d, 2 * C, d, false);
+          for (int64_t k = 0; k < d; ++k) dZ[i * d + k] = static_cast<scalar_t>(row[k]);
+        }
+      });
     }
   } else {
     // Vᵀ = (H⁻¹G)ᵀ; dY = Z V; dZ_r = Σ_c (Y − ZW)_rc Vᵀ_c − (ZV)_rc Wᵀ_c; dmu = −Σ V∘W
