@@ -440,14 +440,13 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     name = _select(backend, Zs, Ys, primal, bias, sd, "krr_predict")
     named = [("Zq", Zq), ("Zs", Zs), ("Ys", Ys)]
     try:
+        mu = None if name == "reference" else _mu(Zs, lam, reg, detach_reg, bias, sd)
         if name == "reference":
             P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype)
         elif primal or d * C * (N + M) <= M * N * (d + C):
-            mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
             W = RidgeWeightsFunction.apply(Zs, Ys, mu, primal, bias, _KERNELS[name])
             P = Zq @ W[..., :-1, :] + W[..., -1:, :] if bias else Zq @ W
         else:
-            mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
             P = KrrPredictFunction.apply(Zq, Zs, Ys, mu, bias, _KERNELS[name])
     except NotPSDError:
         _raise_if_nonfinite(named)
