@@ -1,0 +1,1 @@
+"""Distillers: one method per module (``ld``: label distillation)."""

@@ -1,0 +1,427 @@
+"""Label distillation, LD and LD-RR (label-distillation §3, Algorithm 1, §4.1).
+
+Soft labels ỹ ∈ ℝ^{N×C} are learned for N fixed base examples x̃ so that a model trained on (x̃, ỹ)
+does well on the real task. Online meta-learning: the model and the labels are updated in turn;
+the model is re-initialised when it overfits.
+
+* ``second_order``: one inner SGD step θ' = θ − α∇θ L_in(x̃, ỹ), label step on CE(f_θ'(x), y) over a
+  real minibatch (:func:`ddfast.ops.label_metagrad`), then an Adam step of θ on the inner loss.
+* ``rr``: a ridge-regression head. W_l = [Z̃,1]ᵀ([Z̃,1][Z̃,1]ᵀ+λI)⁻¹ỹ (eq. 3, :func:`ddfast.ops.ridge_weights`),
+  global W ← (1−α)W + αW_l (pseudo-gradient), label step on CE(s·[z,1]W, y), then an Adam step of the
+  feature extractor and the calibration scale s on the base minibatch with the updated labels.
+
+Details (as the method's reference implementation does them):
+
+* labels start uniform 1/C; Adam (lr β = 1e-3) on labels and model; after each label step the labels
+  are projected back to distributions: clamp to [0, 1], divide each row by its sum (an all-zero row
+  becomes uniform);
+* reset: the moving sum of the stepped (RR: global) model's error on the real minibatches over the
+  last N_m iterations; when it has not strictly improved on its best for N_w further iterations the
+  model (and W, s for RR) is re-initialised and T_i = the iteration of the best window is recorded;
+* epochs count passes over the real training set in minibatches of N_o;
+* label early stopping: every ``val_every`` epochs a fresh model is trained on the current labels for
+  T = mean of the last three T_i steps and scored on the validation split; the best labels (ties: the
+  later) and their T are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ddfast.artifacts import load_state, save_state, write_json_atomic
+from ddfast.evaluate.train import EvalResult, TrainSettings, accuracy, evaluate_labels, make_optimizers, train_on_labels
+from ddfast.models import build_model
+from ddfast.models.ridge_head import RidgeClassifier
+from ddfast.ops.label_metagrad import label_metagrad, ridge_logits
+from ddfast.ops.ridge_solve import ridge_weights
+from ddfast.reference.label_metagrad import outer_loss, soft_cross_entropy
+from ddfast.reference.ridge_solve import ridge_weights_ref
+
+__all__ = ["LDConfig", "LabelDistiller", "LDResult", "project_to_simplex_rows", "default_inner_batch", "default_stats_gap"]
+
+VARIANTS = ("second_order", "rr")
+
+
+def default_inner_batch(n_base: int) -> int:
+    """N_i of §4.1: 10 for ≤ 20 base examples, 25 for ≤ 50, 50 above."""
+    return min(n_base, 10 if n_base <= 20 else 25 if n_base <= 50 else 50)
+
+
+def default_stats_gap(n_base: int, num_classes: int) -> int:
+    """N_m = N_w of §4.1: 50; 100 for many classes (CIFAR-100, K-49); 200 for > 100 base examples."""
+    if num_classes > 20:
+        return 100
+    return 200 if n_base > 100 else 50
+
+
+@dataclass
+class LDConfig:
+    """Hyper-parameters of LD / LD-RR; defaults are the method's (§4.1)."""
+
+    variant: str = "second_order"
+    model: str = "lenet"
+    epochs: int = 400  # passes over the real training set
+    outer_batch: int = 1024  # N_o
+    inner_batch: int | None = None  # N_i (default_inner_batch)
+    lr: float = 1e-3  # β: Adam on labels and model
+    inner_lr: float = 0.01  # α of the inner SGD step (second order)
+    pseudo_lr: float = 0.01  # α of the pseudo-gradient (RR)
+    ridge_lambda: float = 1.0  # λ (RR)
+    calibration_lr: float = 0.01  # Adam lr of the calibration scale (RR)
+    stats_gap: int | None = None  # N_m = N_w (default_stats_gap)
+    val_every: int = 5  # epochs between label validations
+    seed: int = 0
+    backend: str = "auto"
+    outer_chunk: int | None = 256  # real examples per forward/backward chunk (fused second order)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        for name in ("epochs", "outer_batch", "val_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+
+
+def project_to_simplex_rows(labels: torch.Tensor) -> torch.Tensor:
+    """In place: clamp to [0, 1] and normalise each row to sum 1 (an all-zero row becomes uniform)."""
+    with torch.no_grad():
+        labels.clamp_(0.0, 1.0)
+        s = labels.sum(-1, keepdim=True)
+        zero = s <= 0
+        labels.div_(torch.where(zero, torch.ones_like(s), s))
+        if bool(zero.any()):
+            labels[zero.expand_as(labels)] = 1.0 / labels.shape[-1]
+    return labels
+
+
+@dataclass
+class LDResult:
+    """Distilled labels and how to train on them."""
+
+    soft_labels: torch.Tensor  # [N, C], best on validation
+    steps_to_overfit: int  # T used to train a fresh model on them
+    val_accuracy: float
+    calibration: float  # RR: calibration scale of the distillation model at the best labels
+    steps_to_overfit_history: list = field(default_factory=list)  # every recorded T_i
+    history: list = field(default_factory=list)  # per validation: epoch, iteration, T, val acc
+    iterations: int = 0
+    resets: int = 0
+    seconds: float = 0.0
+
+
+class LabelDistiller:
+    """LD / LD-RR on fixed base examples (Algorithm 1).
+
+    Args:
+        base_images: x̃ ``[N, c, h, w]`` (normalised like the real data).
+        train: real training examples ``(x [M, c, h, w], y [M] int64)`` of the target task.
+        val: validation split ``(x, y)`` for label early stopping.
+        num_classes: C of the target task (may differ from the base examples' own classes).
+        config: :class:`LDConfig`.
+        make_model: ``() -> nn.Module`` with ``features`` and a linear ``head`` (default:
+            ``ddfast.models.build_model(config.model, c, C, h)``).
+    """
+
+    def __init__(self, base_images, train, val, num_classes: int, config: LDConfig | None = None,
+                 make_model: Callable[[], nn.Module] | None = None):
+        self.config = config = config or LDConfig()
+        x_train, y_train = train
+        x_val, y_val = val
+        _check_images("base_images", base_images)
+        _check_images("train x", x_train)
+        _check_images("val x", x_val)
+        if base_images.shape[0] == 0:
+            raise ValueError("base_images: the base set is empty (N = 0)")
+        if tuple(base_images.shape[1:]) != tuple(x_train.shape[1:]):
+            raise ValueError(f"base_images: expected images shaped like the real data {tuple(x_train.shape[1:])}, got {tuple(base_images.shape[1:])}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        for name, x, y in (("train", x_train, y_train), ("val", x_val, y_val)):
+            if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
+                raise ValueError(f"{name} y: expected int64 class indices [{x.shape[0]}], got {tuple(y.shape)} {y.dtype}")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise ValueError(f"{name} y: class indices must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        if x_train.shape[0] == 0 or x_val.shape[0] == 0:
+            raise ValueError("train / val: the real data splits must not be empty")
+        self.base_images = base_images
+        self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+        self.num_classes = num_classes
+        n = base_images.shape[0]
+        self.inner_batch = min(config.inner_batch or default_inner_batch(n), n)
+        self.stats_gap = config.stats_gap or default_stats_gap(n, num_classes)
+        c, h = base_images.shape[1], base_images.shape[-1]
+        self._make_net = make_model or (lambda: build_model(config.model, c, num_classes, h))
+        self.train_settings = TrainSettings(
+            steps=1, batch_size=self.inner_batch, lr=config.lr, pseudo_lr=config.pseudo_lr,
+            ridge_lambda=config.ridge_lambda, calibration_lr=config.calibration_lr, backend=config.backend,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        dtype = base_images.dtype
+        self.labels = torch.full((n, num_classes), 1.0 / num_classes, dtype=dtype)
+        self.labels.requires_grad_(True)
+        self.label_opt = torch.optim.Adam([self.labels], lr=config.lr)
+        self.epoch = 0  # completed epochs
+        self.iteration = 0
+        self.resets = 0
+        self.steps_list: list[int] = []
+        self.best_val_acc = -1.0
+        self.best_labels = self.labels.detach().clone()
+        self.best_steps = 1
+        self.best_calibration = 1.0
+        self.history: list[dict] = []
+        self.seconds = 0.0
+        self._reset_model()
+
+    # ------------------------------------------------------------------ model state
+
+    def make_model(self) -> nn.Module:
+        """A fresh model of the variant (RR: the feature extractor with a ridge head, W = 0, s = 1)."""
+        net = self._make_net()
+        if self.config.variant == "rr":
+            net = RidgeClassifier.from_model(net)
+        return net.to(self.base_images.dtype)
+
+    def _fresh_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+    def _reset_model(self):
+        seed = self._fresh_seed()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = self.make_model()
+        self.optimizers = make_optimizers(self.model, self.train_settings)
+        self.window: deque = deque(maxlen=self.stats_gap)
+        self.steps_since_reset = 0
+        self.lowest_sum = math.inf
+        self.since_min = 0
+
+    # ------------------------------------------------------------------ one meta-iteration
+
+    def step(self, x_real, y_real) -> float:
+        """One meta-iteration on a real minibatch; returns the monitored error (%)."""
+        idx = torch.randperm(self.labels.shape[0], generator=self.generator)[: self.inner_batch]
+        xb = self.base_images[idx]
+        yb = self.labels.detach()[idx]
+        if self.config.variant == "second_order":
+            err = self._step_second_order(idx, xb, yb, x_real, y_real)
+        else:
+            err = self._step_rr(idx, xb, yb, x_real, y_real)
+        self.iteration += 1
+        self._monitor(err)
+        return err
+
+    def _label_step(self, idx, grad):
+        g = torch.zeros_like(self.labels)
+        g[idx] = grad.to(g.dtype)
+        self.labels.grad = g
+        self.label_opt.step()
+        project_to_simplex_rows(self.labels)
+
+    def _step_second_order(self, idx, xb, yb, x_real, y_real):
+        cfg = self.config
+        r = label_metagrad(self.model, xb, yb, x_real, y_real, inner_lr=cfg.inner_lr,
+                           outer_chunk=cfg.outer_chunk, backend=cfg.backend)
+        self._label_step(idx, r.grad)
+        # Model step: Adam on the inner loss with the labels used for the inner step.
+        (opt,) = self.optimizers
+        opt.zero_grad(set_to_none=True)
+        for name, p in self.model.named_parameters():
+            p.grad = r.inner_grads[name].clone()
+        opt.step()
+        return 100.0 * (1.0 - r.outer_correct / x_real.shape[0])
+
+    def _step_rr(self, idx, xb, yb, x_real, y_real):
+        cfg, model = self.config, self.model
+        y = yb.clone().requires_grad_(True)
+        z = model.features(xb)
+        with torch.no_grad():
+            z_real = model.features(x_real)
+        if cfg.backend == "reference":
+            w_local = ridge_weights_ref(z, y, cfg.ridge_lambda, bias=True)
+        else:
+            w_local = ridge_weights(z, y, cfg.ridge_lambda, bias=True, backend=cfg.backend)
+        w = (1.0 - cfg.pseudo_lr) * model.weight + cfg.pseudo_lr * w_local
+        scale = model.scale.detach()
+        logits_real = ridge_logits(z_real, w, scale)
+        label_loss = outer_loss(logits_real, y_real)
+        (gy,) = torch.autograd.grad(label_loss, y, retain_graph=True)
+        self._label_step(idx, gy)
+        # Feature extractor + calibration on the base minibatch with the updated labels; the
+        # gradient also flows through W_l (Algorithm 1, line 12).
+        feat_loss = soft_cross_entropy(ridge_logits(z, w, model.scale), self.labels.detach()[idx])
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        feat_loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        model.weight.copy_(w.detach())
+        correct = int((logits_real.detach().argmax(-1) == y_real).sum())
+        return 100.0 * (1.0 - correct / x_real.shape[0])
+
+    def _monitor(self, err: float):
+        """Moving-window error; reset after N_w non-improving iterations (Algorithm 1, lines 13–17)."""
+        gap = self.stats_gap
+        self.window.append(float(err))
+        self.steps_since_reset += 1
+        if self.steps_since_reset < gap:
+            return
+        total = math.fsum(self.window)
+        if self.steps_since_reset == gap:
+            self.lowest_sum, self.since_min = total, 0
+        elif total < self.lowest_sum:
+            self.lowest_sum, self.since_min = total, 0
+        elif self.since_min < gap:
+            self.since_min += 1
+        else:
+            self.steps_list.append(self.steps_since_reset - self.since_min - 1)
+            self.resets += 1
+            self._reset_model()
+
+    # ------------------------------------------------------------------ validation
+
+    def current_steps(self) -> int:
+        """T for training on the labels: mean of the last three T_i (steps so far if no reset yet)."""
+        if self.steps_list:
+            return max(1, int(sum(self.steps_list[-3:]) / len(self.steps_list[-3:])))
+        return max(1, self.steps_since_reset)
+
+    def validate(self) -> float:
+        """Train a fresh model on the current labels for T steps; keep the labels if val accuracy ≥ best."""
+        steps = self.current_steps()
+        seed = self._fresh_seed()
+        settings = TrainSettings(**{**self.train_settings.__dict__, "steps": steps})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.make_model()
+        labels = self.labels.detach().clone()
+        train_on_labels(model, self.base_images, labels, settings, torch.Generator().manual_seed(seed))
+        acc = accuracy(model, self.x_val, self.y_val)
+        self.history.append({"epoch": self.epoch, "iteration": self.iteration, "steps": steps, "val_accuracy": acc,
+                             "resets": self.resets})
+        if acc >= self.best_val_acc:
+            self.best_val_acc, self.best_labels, self.best_steps = acc, labels, steps
+            self.best_calibration = float(self.model.scale.detach()) if isinstance(self.model, RidgeClassifier) else 1.0
+        return acc
+
+    # ------------------------------------------------------------------ training loop
+
+    def iterations_per_epoch(self) -> int:
+        return math.ceil(self.x_train.shape[0] / self.config.outer_batch)
+
+    def run_epoch(self, progress=None):
+        n, b = self.x_train.shape[0], self.config.outer_batch
+        perm = torch.randperm(n, generator=self.generator)
+        for s in range(0, n, b):
+            sel = perm[s : s + b]
+            err = self.step(self.x_train[sel], self.y_train[sel])
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(resets=self.resets, err=f"{err:.1f}", val=f"{self.best_val_acc:.1f}", refresh=False)
+        self.epoch += 1
+        if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
+            self.validate()
+
+    def fit(self, out_dir: str | None = None, resume: bool = False, progress: bool = False,
+            checkpoint_every: int = 1) -> LDResult:
+        """Run (or, with ``resume``, continue) distillation for ``config.epochs`` epochs.
+
+        With ``out_dir`` a checkpoint is written atomically every ``checkpoint_every`` epochs; a resumed
+        run continues bit-identically (all RNG and optimizer state is saved).
+        """
+        ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
+        if resume and ckpt and os.path.exists(ckpt):
+            self.load_state_dict(load_state(ckpt))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.config.epochs * self.iterations_per_epoch(), initial=self.iteration,
+                       desc=f"LD {self.config.variant}", unit="it", dynamic_ncols=True)
+        try:
+            while self.epoch < self.config.epochs:
+                t0 = time.perf_counter()
+                self.run_epoch(bar)
+                self.seconds += time.perf_counter() - t0
+                if ckpt and (self.epoch % checkpoint_every == 0 or self.epoch == self.config.epochs):
+                    save_state(ckpt, self.state_dict())
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.result()
+
+    def result(self) -> LDResult:
+        return LDResult(
+            soft_labels=self.best_labels.clone(), steps_to_overfit=int(self.best_steps),
+            val_accuracy=float(self.best_val_acc), calibration=float(self.best_calibration),
+            steps_to_overfit_history=list(self.steps_list), history=list(self.history),
+            iterations=self.iteration, resets=self.resets, seconds=self.seconds,
+        )
+
+    def evaluate(self, x_test, y_test, models: int = 20, seed: int = 0, result: LDResult | None = None) -> EvalResult:
+        """Test accuracy of ``models`` fresh models trained on the best labels for T steps (§4.1)."""
+        result = result or self.result()
+        settings = TrainSettings(**{**self.train_settings.__dict__, "steps": result.steps_to_overfit})
+        return evaluate_labels(self.make_model, self.base_images, result.soft_labels, x_test, y_test, settings, models, seed)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "labels": self.labels.detach().clone(),
+            "label_opt": self.label_opt.state_dict(),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "generator": self.generator.get_state(),
+            "window": list(self.window),
+            "counters": {"epoch": self.epoch, "iteration": self.iteration, "resets": self.resets,
+                         "steps_since_reset": self.steps_since_reset, "since_min": self.since_min,
+                         "lowest_sum": None if math.isinf(self.lowest_sum) else self.lowest_sum,
+                         "best_val_acc": self.best_val_acc, "best_steps": self.best_steps,
+                         "best_calibration": self.best_calibration, "seconds": self.seconds},
+            "steps_list": list(self.steps_list),
+            "best_labels": self.best_labels,
+            "history": json.dumps(self.history),
+        }
+
+    def load_state_dict(self, state: dict):
+        saved = {k: v for k, v in state["config"].items() if k in {f.name for f in fields(LDConfig)}}
+        mine = asdict(self.config)
+        for key in ("variant", "model", "outer_batch", "inner_batch", "seed"):
+            if saved.get(key) != mine.get(key):
+                raise ValueError(f"resume: checkpoint has {key}={saved.get(key)!r}, this run {mine.get(key)!r}")
+        with torch.no_grad():
+            self.labels.copy_(state["labels"])
+        self.label_opt.load_state_dict(state["label_opt"])
+        self.model = self.make_model()
+        self.model.load_state_dict(state["model"])
+        self.optimizers = make_optimizers(self.model, self.train_settings)
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        self.generator.set_state(state["generator"])
+        self.window = deque((float(v) for v in state["window"]), maxlen=self.stats_gap)
+        c = state["counters"]
+        self.epoch, self.iteration, self.resets = c["epoch"], c["iteration"], c["resets"]
+        self.steps_since_reset, self.since_min = c["steps_since_reset"], c["since_min"]
+        self.lowest_sum = math.inf if c["lowest_sum"] is None else c["lowest_sum"]
+        self.best_val_acc, self.best_steps = c["best_val_acc"], c["best_steps"]
+        self.best_calibration, self.seconds = c["best_calibration"], c["seconds"]
+        self.steps_list = [int(s) for s in state["steps_list"]]
+        self.best_labels = state["best_labels"].clone()
+        self.history = json.loads(state["history"])
+
+
+def _check_images(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: expected float images [n, c, h, w], got {tuple(x.shape)} {x.dtype}")

@@ -1,0 +1,1 @@
+"""End-to-end runs of the distillers: data, artifacts, baselines, result tables."""

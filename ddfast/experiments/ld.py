@@ -1,0 +1,261 @@
+"""Label-distillation runs: data + base examples + distiller + artifacts, baselines and result tables.
+
+A run directory holds ``distilled.safetensors`` (base images, their indices, soft labels, calibration,
+T), ``meta.json`` (data set, seed, hyper-parameters, version, validation history), ``labels.png``
+and, while running, ``checkpoint.safetensors`` (atomic; ``resume=True`` continues bit-identically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ddfast.artifacts import write_json_atomic
+from ddfast.data import balanced_subset, load_dataset, random_subset
+from ddfast.distill.ld import LDConfig, LabelDistiller, default_inner_batch
+from ddfast.evaluate import EvalResult, TrainSettings, choose_steps, evaluate_labels, steps_grid
+from ddfast.models import build_model
+from ddfast.models.ridge_head import RidgeClassifier
+
+__all__ = ["PRESETS", "preset", "prepare", "distill", "save_distilled", "load_distilled", "evaluate_run", "baseline", "ld_table"]
+
+# Per-data-set defaults (§4.1 for the 28×28 and CIFAR sets; digits: a quick CPU-scale setting).
+PRESETS = {
+    "digits": dict(model="mlp", image_size=8, epochs=500, outer_batch=256, val_every=25),
+    "mnist": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),
+    "fashion-mnist": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),
+    "kmnist": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),
+    "emnist-letters": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),
+    "cifar10": dict(model="alexnet", image_size=32, epochs=400, outer_batch=1024, val_every=5),
+    "cifar100": dict(model="alexnet", image_size=32, epochs=800, outer_batch=1024, val_every=5),
+}
+
+
+def preset(dataset: str) -> dict:
+    return dict(PRESETS.get(dataset, PRESETS["mnist"]))
+
+
+@dataclass
+class Prepared:
+    """Target data, base examples and the source they came from."""
+
+    target: object  # ImageDataset
+    base_images: torch.Tensor
+    base_indices: torch.Tensor
+    base_true_labels: torch.Tensor | None  # within-dataset only
+    source: str
+
+
+def prepare(dataset: str, base_examples: int, *, source: str | None = None, root: str | None = None,
+            source_root: str | None = None, image_size: int | None = None, seed: int = 0) -> Prepared:
+    """Load the target data set and pick the base examples (§4.1).
+
+    Within-dataset (``source`` None or equal to ``dataset``): a balanced set, ``base_examples / C`` per
+    class, from the training split. Cross-dataset: ``base_examples`` random training images of
+    ``source`` (their own labels unused); the source images are resized to the target's size.
+    """
+    if base_examples < 1:
+        raise ValueError(f"base_examples: expected ≥ 1, got {base_examples}")
+    target = load_dataset(dataset, root, image_size=image_size)
+    if source is None or source == dataset:
+        C = target.num_classes
+        if base_examples % C:
+            raise ValueError(f"base_examples: within-dataset base sets are balanced; {base_examples} is not a multiple of C = {C}")
+        idx = balanced_subset(target.train_y, base_examples // C, seed=seed, num_classes=C)
+        return Prepared(target, target.train_x[idx].clone(), idx, target.train_y[idx].clone(), dataset)
+    src = load_dataset(source, source_root, image_size=target.image_size)
+    if src.channels != target.channels:
+        raise ValueError(f"source: {source} has {src.channels} channels, the target {dataset} {target.channels}")
+    idx = random_subset(src.train_x.shape[0], base_examples, seed=seed)
+    return Prepared(target, src.train_x[idx].clone(), idx, None, source)
+
+
+def distill(dataset: str, base_examples: int, variant: str = "second_order", *, out: str | None = None,
+            resume: bool = False, source: str | None = None, root: str | None = None, source_root: str | None = None,
+            backend: str = "auto", seed: int = 0, progress: bool = False, prepared: Prepared | None = None,
+            **overrides):
+    """Distil labels; returns ``(distiller, result, prepared)`` and writes the run directory if ``out``."""
+    opts = preset(dataset)
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    image_size = opts.pop("image_size", None)
+    prepared = prepared or prepare(dataset, base_examples, source=source, root=root, source_root=source_root,
+                                   image_size=image_size, seed=seed)
+    cfg = LDConfig(variant=variant, seed=seed, backend=backend, **opts)
+    t = prepared.target
+    ld = LabelDistiller(prepared.base_images, (t.train_x, t.train_y), (t.val_x, t.val_y), t.num_classes, cfg)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status="running")
+    result = ld.fit(out_dir=out, resume=resume, progress=progress)
+    if out:
+        save_distilled(out, ld, result, prepared)
+        _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status="done", result=result)
+        try:
+            from ddfast.plots import plot_labels
+
+            plot_labels(t.unnormalize(prepared.base_images), result.soft_labels, os.path.join(out, "labels.png"),
+                        classes=t.classes, true_labels=prepared.base_true_labels)
+        except ImportError:  # matplotlib is optional
+            pass
+    return ld, result, prepared
+
+
+def _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status, result=None):
+    from ddfast import __version__
+
+    meta = {
+        "format": "ddfast.ld/1",
+        "version": __version__,
+        "status": status,
+        "dataset": dataset,
+        "source": prepared.source,
+        "root": root,
+        "source_root": source_root,
+        "image_size": prepared.target.image_size,
+        "num_classes": prepared.target.num_classes,
+        "base_examples": int(prepared.base_images.shape[0]),
+        "inner_batch": ld.inner_batch,
+        "stats_gap": ld.stats_gap,
+        "config": asdict(ld.config),
+    }
+    if result is not None:
+        meta.update({
+            "steps_to_overfit": result.steps_to_overfit,
+            "val_accuracy": result.val_accuracy,
+            "calibration": result.calibration,
+            "steps_to_overfit_history": result.steps_to_overfit_history,
+            "history": result.history,
+            "iterations": result.iterations,
+            "resets": result.resets,
+            "seconds": result.seconds,
+        })
+    write_json_atomic(os.path.join(out, "meta.json"), meta)
+
+
+def save_distilled(out: str, ld: LabelDistiller, result, prepared: Prepared) -> str:
+    """``distilled.safetensors``: base_images, base_indices, soft_labels, calibration, steps_to_overfit."""
+    path = os.path.join(out, "distilled.safetensors")
+    tensors = {
+        "base_images": prepared.base_images.contiguous(),
+        "base_indices": prepared.base_indices.contiguous(),
+        "soft_labels": result.soft_labels.detach().contiguous(),
+        "calibration": torch.tensor(result.calibration),
+        "steps_to_overfit": torch.tensor(result.steps_to_overfit),
+    }
+    meta = {"variant": ld.config.variant, "model": ld.config.model, "inner_batch": str(ld.inner_batch),
+            "source": prepared.source}
+    from ddfast.artifacts import _atomic_write
+
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def load_distilled(run_dir: str) -> tuple[dict, dict]:
+    """``(tensors, meta)`` of a run directory; reads safetensors + JSON only (no unpickling)."""
+    path = os.path.join(run_dir, "distilled.safetensors")
+    meta_path = os.path.join(run_dir, "meta.json")
+    for p in (path, meta_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: missing; distil first with `ddfast distill ld ... --out {run_dir}`")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    return tensors, meta
+
+
+def _factory(model: str, channels: int, num_classes: int, image_size: int, rr: bool):
+    def make():
+        net = build_model(model, channels, num_classes, image_size)
+        return RidgeClassifier.from_model(net) if rr else net
+
+    return make
+
+
+def evaluate_run(run_dir: str, models: int = 20, seed: int = 0, backend: str = "auto") -> EvalResult:
+    """Train ``models`` fresh models on a run's base images + labels for its T steps; test accuracy (§4.1)."""
+    tensors, meta = load_distilled(run_dir)
+    target = load_dataset(meta["dataset"], meta.get("root"), image_size=meta["image_size"])
+    cfg = meta["config"]
+    make = _factory(cfg["model"], target.channels, target.num_classes, target.image_size, cfg["variant"] == "rr")
+    settings = TrainSettings(steps=int(tensors["steps_to_overfit"]), batch_size=int(meta["inner_batch"]), lr=cfg["lr"],
+                             pseudo_lr=cfg["pseudo_lr"], ridge_lambda=cfg["ridge_lambda"],
+                             calibration_lr=cfg["calibration_lr"], backend=backend)
+    res = evaluate_labels(make, tensors["base_images"], tensors["soft_labels"], target.test_x, target.test_y,
+                          settings, models, seed)
+    write_json_atomic(os.path.join(run_dir, "eval.json"), {"models": models, "seed": seed, "accuracies": res.accuracies,
+                                                          "mean": res.mean, "std": res.std})
+    return res
+
+
+def baseline(prepared: Prepared, *, smoothing: float = 0.0, rr: bool = False, models: int = 20, seed: int = 0,
+             model: str | None = None, backend: str = "auto", max_steps: int | None = None) -> tuple[EvalResult, int]:
+    """True-label (optionally label-smoothed) baseline on the same base examples (§4.2).
+
+    The number of training steps is chosen on validation over 10…1000 (…1700 above 100 base
+    examples); returns ``(test result, steps)``.
+    """
+    if prepared.base_true_labels is None:
+        raise ValueError("baseline: needs within-dataset base examples (their true labels)")
+    t = prepared.target
+    C = t.num_classes
+    y = F.one_hot(prepared.base_true_labels, C).to(prepared.base_images.dtype)
+    if smoothing:
+        y = y * (1.0 - smoothing) + smoothing / C
+    n = prepared.base_images.shape[0]
+    make = _factory(model or preset(t.name)["model"], t.channels, C, t.image_size, rr)
+    settings = TrainSettings(steps=1, batch_size=default_inner_batch(n), backend=backend)
+    grid = steps_grid(max_steps or (1700 if n > 100 else 1000))
+    steps, _ = choose_steps(make, prepared.base_images, y, t.val_x, t.val_y, settings, grid, seed=seed)
+    settings.steps = steps
+    return evaluate_labels(make, prepared.base_images, y, t.test_x, t.test_y, settings, models, seed), steps
+
+
+@dataclass
+class TableRow:
+    method: str
+    cells: dict = field(default_factory=dict)  # base examples -> (EvalResult, steps)
+
+
+def ld_table(dataset: str = "digits", base_examples=(10, 100), *, models: int = 10, seed: int = 0,
+             backend: str = "auto", out: str | None = None, root: str | None = None, progress: bool = True,
+             print_fn=print, **overrides) -> list[TableRow]:
+    """LD / LD-RR against the true-label and label-smoothing baselines (and their RR versions) (Table 1)."""
+    rows = {name: TableRow(name) for name in ("LD", "LD RR", "Baseline", "Baseline LS", "Baseline RR", "Baseline RR LS")}
+    for n in base_examples:
+        prepared = None
+        for variant, name in (("second_order", "LD"), ("rr", "LD RR")):
+            run = os.path.join(out, f"{dataset}-{n}-{variant}") if out else None
+            ld, result, prepared = distill(dataset, n, variant, out=run, root=root, backend=backend, seed=seed,
+                                           progress=progress, prepared=prepared, **overrides)
+            res = ld.evaluate(prepared.target.test_x, prepared.target.test_y, models=models, seed=seed)
+            rows[name].cells[n] = (res, result.steps_to_overfit)
+            print_fn(f"{name:<15} {n:>4} base examples: {res}  (T={result.steps_to_overfit}, "
+                     f"{result.iterations} iterations, {result.resets} resets, {result.seconds:.0f} s)")
+        model = overrides.get("model")
+        for name, ls, rr in (("Baseline", 0.0, False), ("Baseline LS", 0.1, False),
+                             ("Baseline RR", 0.0, True), ("Baseline RR LS", 0.1, True)):
+            res, steps = baseline(prepared, smoothing=ls, rr=rr, models=models, seed=seed, model=model, backend=backend)
+            rows[name].cells[n] = (res, steps)
+            print_fn(f"{name:<15} {n:>4} base examples: {res}  (T={steps})")
+    table = list(rows.values())
+    if out:
+        write_json_atomic(os.path.join(out, f"{dataset}-table.json"), {
+            "dataset": dataset, "models": models, "seed": seed, "backend": backend,
+            "rows": {r.method: {str(n): {"mean": e.mean, "std": e.std, "steps": s, "accuracies": e.accuracies}
+                                for n, (e, s) in r.cells.items()} for r in table}})
+    return table
+
+
+def format_table(rows: list[TableRow], base_examples) -> str:
+    head = f"{'method':<16}" + "".join(f"{str(n) + ' base examples':>22}" for n in base_examples)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.method:<16}" + "".join(f"{str(r.cells[n][0]) if n in r.cells else '-':>22}" for n in base_examples))
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Networks used by the distillers, each split as ``features`` (x → h) and ``head`` (an ``nn.Linear``).
+
+``model(x) == model.head(model.features(x))``; ``model.feature_dim`` is the width of h. The split
+gives the fused label meta-gradient its head GEMM and LD-RR its ridge-regression layer
+(label-distillation Figure 5).
+"""
+
+from ddfast.models.alexnet import AlexNet
+from ddfast.models.lenet import LeNet
+from ddfast.models.mlp import MLP
+from ddfast.models.resnet import ResNet18
+
+__all__ = ["LeNet", "AlexNet", "ResNet18", "MLP", "build_model", "MODELS"]
+
+MODELS = {"lenet": LeNet, "alexnet": AlexNet, "resnet18": ResNet18, "mlp": MLP}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int):
+    """A fresh randomly initialised network by name (``lenet``, ``alexnet``, ``resnet18``, ``mlp``)."""
+    try:
+        cls = MODELS[name.lower()]
+    except KeyError:
+        raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}") from None
+    return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size)

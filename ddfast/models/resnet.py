@@ -1,0 +1,53 @@
+"""ResNet-18 for small images (label-distillation Tables 13–14; 64-d features before the head there).
+
+The CIFAR-style stem (3×3 conv, no max-pool). ``width`` sets the first stage's channels (64 is the
+standard ResNet-18; the stages double it three times) and the feature width is 8·width.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18Features(nn.Module):
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64):
+        super().__init__()
+        self.features = ResNet18Features(in_channels, width)
+        self.feature_dim = 8 * width
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))

@@ -1,0 +1,439 @@
+"""Per-example label meta-gradients of label distillation (label-distillation §3, Appendix B).
+
+Second-order LD (``label_metagrad``): one inner SGD step on base examples x̃ with soft labels ỹ,
+the outer cross-entropy of the stepped model on real examples (x, y), and ∂L_out/∂ỹ:
+
+    θ' = θ − α ∇θ (1/N) Σᵢ CE(softmax f_θ(x̃ᵢ), ỹᵢ)          L_out = CE(f_θ'(x), y)
+    ∂L_out/∂ỹᵢ = (α/N) (vᵢ − (pᵢ·vᵢ) 1),   vᵢ = Jᵢ g',  g' = ∇θ' L_out,  pᵢ = softmax f_θ(x̃ᵢ)
+
+(the inner gradient (1/N) Σᵢ Jᵢᵀ(pᵢ 1ᵀỹᵢ − ỹᵢ) is linear in ỹ; pᵢ does not depend on ỹ). The fused
+path is first-order only: one VJP at θ over the base batch (inner step), one backward at θ' over
+the real batch (streamed in chunks: activations of one chunk alive at a time), one forward-mode
+JVP at θ over the base batch; no double backward. For a model split as ``features`` + ``head``
+(an ``nn.Linear``) the head's share of vᵢ, G_W hᵢ + g_b, is a GEMM that the kernel fuses with the
+softmax residual (``label_metagrad_bwd``); the inner residual pᵢ 1ᵀỹᵢ − ỹᵢ and the inner loss come
+from ``label_metagrad_fwd``.
+
+RR (``ridge_label_metagrad``, Algorithm 1, eq. 2–3): W_l = ridge_weights(Z̃, ỹ, λ), global weights
+W = (1−α)W_prev + αW_l, outer loss on real features; the label gradient flows back through the ridge
+op, whose backward reuses the forward's Cholesky factor.
+
+Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref`` (``create_graph=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp
+
+from ddfast import dispatch as _backends
+from ddfast.ops.ridge_solve import ridge_weights
+from ddfast.reference.label_metagrad import _correct, label_metagrad_ref, outer_loss
+from ddfast.reference.ridge_solve import ridge_weights_ref
+
+__all__ = [
+    "label_metagrad",
+    "label_meta_loss",
+    "LabelMetagrad",
+    "LabelMetagradFunction",
+    "ridge_label_metagrad",
+    "ridge_logits",
+    "split_model",
+]
+
+_FLOATS = (torch.float32, torch.float64)
+
+# --------------------------------------------------------------------------- backends
+
+
+class _TorchResiduals:
+    """The residual formulas in plain torch (used to check kernels; not a dispatch target)."""
+
+    @staticmethod
+    def fwd(Z, Y, scale):
+        logp = F.log_softmax(Z, dim=-1)
+        R = scale * (logp.exp() * Y.sum(-1, keepdim=True) - Y)
+        return R, -(Y * logp).sum(-1)
+
+    @staticmethod
+    def bwd(H, GW, gb, Vb, Z, scale):
+        from ddfast.reference.label_metagrad import head_residual_ref
+
+        return head_residual_ref(H, GW, gb, Vb, Z, scale)
+
+
+class _CpuKernels:
+    name = "cpu"
+
+    @staticmethod
+    def not_supported_reasons(device, dtype, C):
+        ext, why = _backends._load_extension()
+        reasons = [why] if ext is None else []
+        if ext is not None and not hasattr(ext, "label_metagrad_fwd"):
+            reasons.append("ddfast._C predates label_metagrad; rebuild it")
+        if device.type != "cpu":
+            reasons.append(f"inputs are on {device}, the C++ CPU kernel takes CPU tensors")
+        return reasons
+
+    @staticmethod
+    def fwd(Z, Y, scale):
+        return _backends.extension().label_metagrad_fwd(Z, Y, scale)
+
+    @staticmethod
+    def bwd(H, GW, gb, Vb, Z, scale):
+        return _backends.extension().label_metagrad_bwd(H, GW, gb, Vb, Z, scale)
+
+
+class _TritonKernels:
+    name = "triton"
+
+    @staticmethod
+    def _module():
+        from ddfast.kernels import label_metagrad as mod
+
+        return mod
+
+    @classmethod
+    def not_supported_reasons(cls, device, dtype, C):
+        ok, why = _backends._triton_status()
+        if not ok:
+            return [why]
+        try:
+            mod = cls._module()
+        except ImportError as exc:  # pragma: no cover - partial installs
+            return [f"ddfast.kernels.label_metagrad not importable: {exc}"]
+        Z = torch.empty((1, C), dtype=dtype, device=device)
+        return list(mod.not_supported_reasons_fwd(Z, Z)) + list(
+            mod.not_supported_reasons_bwd(Z.new_empty((1, 1)), Z.new_empty((C, 1)), Z)
+        )
+
+    @classmethod
+    def fwd(cls, Z, Y, scale):
+        return cls._module().label_metagrad_fwd(Z, Y, scale)
+
+    @classmethod
+    def bwd(cls, H, GW, gb, Vb, Z, scale):
+        return cls._module().label_metagrad_bwd(H, GW, gb, Vb, Z, scale)
+
+
+class _CudaKernels:
+    name = "cuda"
+
+    @staticmethod
+    def not_supported_reasons(device, dtype, C):
+        ext, why = _backends._load_extension()
+        if ext is None:
+            return [why]
+        reasons = []
+        if not getattr(ext, "with_cuda", False):
+            reasons.append("ddfast._C was built without CUDA (DDFAST_CUDA=1)")
+        if device.type != "cuda":
+            reasons.append("inputs are not CUDA tensors")
+        return reasons
+
+    @staticmethod
+    def fwd(Z, Y, scale):
+        stream = torch.cuda.current_stream(Z.device).cuda_stream
+        return _backends.extension().label_metagrad_fwd_cuda(Z, Y, scale, stream)
+
+    @staticmethod
+    def bwd(H, GW, gb, Vb, Z, scale):
+        stream = torch.cuda.current_stream(Z.device).cuda_stream
+        return _backends.extension().label_metagrad_bwd_cuda(H, GW, gb, Vb, Z, scale, stream)
+
+
+_KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
+_SELECT_CACHE: dict = {}
+
+
+def _select(backend, device, dtype, C, op):
+    key = (backend, os.environ.get("DDFAST_BACKEND"), device, dtype, C)
+    name = _SELECT_CACHE.get(key)
+    if name is None:
+        candidates = {n: (lambda k=k: k.not_supported_reasons(device, dtype, C)) for n, k in _KERNELS.items()}
+        candidates["reference"] = lambda: []
+        name = _backends.select(backend, candidates, op, on_gpu=device.type == "cuda")
+        _SELECT_CACHE[key] = name
+    return name
+
+
+# --------------------------------------------------------------------------- model split
+
+
+def split_model(model: nn.Module):
+    """``(features, head)`` when ``model`` is ``head(features(x))`` with a linear head, else ``None``.
+
+    ddfast's models (``ddfast.models``) expose ``features`` and ``head``; any module that does, with
+    ``forward(x) == head(features(x))``, gets the fused head path.
+    """
+    features, head = getattr(model, "features", None), getattr(model, "head", None)
+    if isinstance(features, nn.Module) and isinstance(head, nn.Linear):
+        return features, head
+    return None
+
+
+# --------------------------------------------------------------------------- fused algorithm
+
+
+def _param_dict(module):
+    return {k: p.detach() for k, p in module.named_parameters()}
+
+
+def _outer_grad(model, stepped, x_real, y_real, chunk):
+    """L_out = CE(f_θ'(x), y) and g' = ∇θ' L_out, streaming the real batch in chunks."""
+    M = x_real.shape[0]
+    names = list(stepped)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in stepped.items()}
+    buffers = dict(model.named_buffers())
+    grads = None
+    total = x_real.new_zeros((), dtype=next(iter(leaves.values())).dtype)
+    correct = 0
+    chunk = M if not chunk or chunk >= M else int(chunk)
+    for s in range(0, M, chunk):
+        xc, yc = x_real[s : s + chunk], y_real[s : s + chunk]
+        logits = functional_call(model, {**leaves, **buffers}, (xc,))
+        loss = outer_loss(logits, yc) * (xc.shape[0] / M)
+        gs = torch.autograd.grad(loss, [leaves[k] for k in names])
+        grads = list(gs) if grads is None else [a.add_(b) for a, b in zip(grads, gs)]
+        total = total + loss.detach()
+        correct += _correct(logits.detach(), yc)
+    return total, dict(zip(names, grads)), correct
+
+
+def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk):
+    N = x_base.shape[0]
+    scale = 1.0 / N if reduction == "mean" else 1.0
+    y = y_soft.detach()
+    split = split_model(model)
+    with torch.enable_grad():
+        if split is not None:
+            features, head = split
+            phi = {k: p.detach().requires_grad_(True) for k, p in features.named_parameters()}
+            W, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
+            h = functional_call(features, phi, (x_base,))
+            z = F.linear(h.detach(), W, b)
+            R, loss_rows = kernels.fwd(z, y, scale)
+            # Inner gradient: head in closed form, body by one VJP with cotangent R W.
+            g_phi = torch.autograd.grad(h, list(phi.values()), R @ W) if phi else ()
+            g_in = dict(zip(phi, g_phi))
+            head_names = {n: f"{_head_prefix(model, head)}{n}" for n, _ in head.named_parameters()}
+            g_head = {"weight": R.transpose(0, 1) @ h.detach(), "bias": R.sum(0)}
+            params, inner_grads = {}, {}
+            feat_prefix = _module_prefix(model, features)
+            for k, p in phi.items():
+                inner_grads[feat_prefix + k] = g_in[k]
+            for n, full in head_names.items():
+                inner_grads[full] = g_head[n]
+            for k, p in model.named_parameters():
+                params[k] = p.detach() - inner_lr * inner_grads[k]
+        else:
+            theta = {k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}
+            buffers = dict(model.named_buffers())
+            z = functional_call(model, {**theta, **buffers}, (x_base,))
+            R, loss_rows = kernels.fwd(z.detach(), y, scale)
+            g = torch.autograd.grad(z, list(theta.values()), R)
+            inner_grads = dict(zip(theta, g))
+            params = {k: p.detach() - inner_lr * inner_grads[k] for k, p in theta.items()}
+        loss, g_out, correct = _outer_grad(model, params, x_real, y_real, outer_chunk)
+    # v = J g' at θ over the base batch (forward mode), then the fused residual.
+    if split is not None:
+        feat_prefix = _module_prefix(model, features)
+        names = list(phi)
+        if names:
+            tangents = tuple(g_out[feat_prefix + k] for k in names)
+            primals = tuple(phi[k].detach() for k in names)
+            _, dh = jvp(lambda *ps: functional_call(features, dict(zip(names, ps)), (x_base,)), primals, tangents)
+            Vb = dh @ W.transpose(0, 1)
+        else:
+            Vb = None
+        hp = _head_prefix(model, head)
+        GW = g_out[hp + "weight"]
+        gb = g_out.get(hp + "bias")
+        grad = kernels.bwd(h.detach(), GW, gb, Vb, z.detach(), inner_lr * scale)
+    else:
+        names = list(theta)
+        buffers = dict(model.named_buffers())
+        _, v = jvp(
+            lambda *ps: functional_call(model, {**dict(zip(names, ps)), **buffers}, (x_base,)),
+            tuple(theta[k].detach() for k in names),
+            tuple(g_out[k] for k in names),
+        )
+        eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+        grad = kernels.bwd(v, eye, None, None, z.detach(), inner_lr * scale)
+    inner_loss = loss_rows.mean() if reduction == "mean" else loss_rows.sum()
+    return LabelMetagrad(loss, grad, inner_loss, inner_grads, correct)
+
+
+def _module_prefix(model, sub):
+    for name, m in model.named_modules():
+        if m is sub:
+            return f"{name}." if name else ""
+    raise ValueError("features: not a submodule of model")
+
+
+_head_prefix = _module_prefix
+
+
+class LabelMetagrad(NamedTuple):
+    """Result of :func:`label_metagrad`."""
+
+    loss: torch.Tensor  # L_out at θ'
+    grad: torch.Tensor  # ∂L_out/∂ỹ  [N, C]
+    inner_loss: torch.Tensor  # L_in at θ
+    inner_grads: dict  # ∇θ L_in by parameter name (the first-order model step of LD uses it)
+    outer_correct: int  # correct predictions of the stepped model on the real batch
+
+
+class LabelMetagradFunction(torch.autograd.Function):
+    """L_out(ỹ) with the fused closed-form ∂L_out/∂ỹ (computed in the forward, scaled in the backward)."""
+
+    @staticmethod
+    def forward(ctx, y_soft, model, x_base, x_real, y_real, inner_lr, reduction, outer_chunk, kernels):
+        loss, grad = _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk)[:2]
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (g * grad, None, None, None, None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    for name, t in (("x_base", x_base), ("y_soft", y_soft), ("x_real", x_real), ("y_real", y_real)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if y_soft.dim() != 2 or y_soft.dtype not in _FLOATS:
+        raise ValueError(f"y_soft: expected float32/float64 soft labels [N, C], got {tuple(y_soft.shape)} {y_soft.dtype}")
+    N, C = y_soft.shape
+    if N == 0:
+        raise ValueError("x_base: the base batch is empty (N = 0)")
+    if x_base.shape[0] != N:
+        raise ValueError(f"x_base: expected {N} base examples (one per row of y_soft [N, C]), got {x_base.shape[0]}")
+    if x_real.shape[0] == 0:
+        raise ValueError("x_real: the real batch is empty")
+    if y_real.dtype in (torch.int64, torch.int32):
+        if tuple(y_real.shape) != (x_real.shape[0],):
+            raise ValueError(f"y_real: expected class indices [{x_real.shape[0]}], got {tuple(y_real.shape)}")
+    elif tuple(y_real.shape) != (x_real.shape[0], C):
+        raise ValueError(f"y_real: expected indices [{x_real.shape[0]}] or soft targets [{x_real.shape[0]}, {C}], got {tuple(y_real.shape)}")
+    if x_base.dtype != y_soft.dtype or x_real.dtype != y_soft.dtype:
+        raise ValueError(f"x_base, x_real: expected dtype {y_soft.dtype} like y_soft, got {x_base.dtype}, {x_real.dtype}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    if not float(inner_lr) > 0:
+        raise ValueError(f"inner_lr: expected α > 0, got {inner_lr}")
+
+
+def _check_classes(model, x_base, C):
+    with torch.no_grad():
+        out = model(x_base[:1])
+    if out.shape[-1] != C:
+        raise ValueError(f"y_soft: the model outputs {out.shape[-1]} classes, but the labels have C = {C} columns")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=None, backend="auto"):
+    """L_out(ỹ) of second-order LD, differentiable w.r.t. ``y_soft`` (label-distillation §3, eq. 1).
+
+    Args:
+        model: the network f_θ (its current parameters are θ; it is not modified).
+        x_base: base examples x̃ ``[N, ...]``; y_soft: soft labels ỹ ``[N, C]`` (float32/float64).
+        x_real: real examples ``[M, ...]``; y_real: class indices ``[M]`` or soft targets ``[M, C]``.
+        inner_lr: α of the inner SGD step.  reduction: inner loss "mean" (1/N) or "sum".
+        outer_chunk: fused path only: real examples per forward/backward chunk (bounds activation memory).
+        backend: "auto" | "fused" | "cpu" | "triton" | "cuda" | "reference".
+    Returns: scalar L_out; its gradient w.r.t. ``y_soft`` is the label meta-gradient.
+    Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref``.
+    """
+    _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
+    name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
+    if name == "reference":
+        return _ReferenceLoss.apply(y_soft, model, x_base, x_real, y_real, float(inner_lr), reduction)
+    return LabelMetagradFunction.apply(
+        y_soft, model, x_base, x_real, y_real, float(inner_lr), reduction, outer_chunk, _KERNELS[name]
+    )
+
+
+class _ReferenceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_soft, model, x_base, x_real, y_real, inner_lr, reduction):
+        loss, grad = label_metagrad_ref(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (g * grad,) + (None,) * 6
+
+
+def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=None, backend="auto"):
+    """L_out, ∂L_out/∂ỹ (and what LD's model step reuses) of second-order LD.
+
+    Arguments as :func:`label_meta_loss`. Returns a :class:`LabelMetagrad`.
+
+    ∂L_out/∂ỹᵢ = (α/N)(vᵢ − (pᵢ·vᵢ)1), vᵢ = Jᵢ∇θ'L_out (label-distillation §3; Appendix B is the
+    one-layer sigmoid case α(σ(θ'ᵀx) − y) xᵀx̃).
+    """
+    _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
+    _check_classes(model, x_base, y_soft.shape[1])
+    name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
+    if name == "reference":
+        return LabelMetagrad(*label_metagrad_ref(model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, True))
+    with torch.no_grad():
+        return _fused_metagrad(
+            _KERNELS[name], model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, outer_chunk
+        )
+
+
+def ridge_logits(z, w, scale=1.0, bias=True):
+    """Logits of the RR head: scale · [z, 1] W (label-distillation §3, Figure 5)."""
+    if bias:
+        return scale * (z @ w[:-1] + w[-1])
+    return scale * (z @ w)
+
+
+def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.01, lam=1.0, scale=1.0, bias=True, backend="auto"):
+    """LD-RR label step (Algorithm 1, lines 9–11): ``(L_out, ∂L_out/∂ỹ, W_l, W)``.
+
+        W_l = [Z̃,1]ᵀ([Z̃,1][Z̃,1]ᵀ + λI)⁻¹ ỹ        (eq. 3)
+        W   = (1−α) W_prev + α W_l                   (pseudo-gradient)
+        L_out = CE(scale · [z, 1] W, y)
+
+    Features are treated as constants (the labels' gradient only); ``W`` is returned detached. The
+    fused path differentiates through ``ridge_weights``, whose backward reuses the forward's factor.
+    Shapes: z_base ``[N, d]``, y_soft ``[N, C]``, z_real ``[M, d]``, y_real ``[M]``/``[M, C]``,
+    w_prev ``[d(+1), C]``.
+    """
+    if z_base.dim() != 2 or z_real.dim() != 2 or z_base.shape[1] != z_real.shape[1]:
+        raise ValueError(f"z_base, z_real: expected features [N, d] and [M, d], got {tuple(z_base.shape)}, {tuple(z_real.shape)}")
+    if y_soft.dim() != 2 or y_soft.shape[0] != z_base.shape[0]:
+        raise ValueError(f"y_soft: expected [{z_base.shape[0]}, C] (one row per base example), got {tuple(y_soft.shape)}")
+    d = z_base.shape[1] + int(bias)
+    if tuple(w_prev.shape) != (d, y_soft.shape[1]):
+        raise ValueError(f"w_prev: expected [{d}, {y_soft.shape[1]}], got {tuple(w_prev.shape)}")
+    y = y_soft.detach().requires_grad_(True)
+    with torch.enable_grad():
+        if backend == "reference":
+            w_local = ridge_weights_ref(z_base.detach(), y, lam, bias=bias)
+        else:
+            w_local = ridge_weights(z_base.detach(), y, lam, bias=bias, backend=backend)
+        w = (1.0 - pseudo_lr) * w_prev.detach() + pseudo_lr * w_local
+        loss = outer_loss(ridge_logits(z_real.detach(), w, scale, bias), y_real)
+        (grad,) = torch.autograd.grad(loss, y)
+    return loss.detach(), grad, w_local.detach(), w.detach()
