@@ -33,6 +33,30 @@ def _bench_ridge(args) -> int:
     return 0
 
 
+def _bench_label_metagrad(args) -> int:
+    import torch
+    from torch.utils import benchmark
+
+    from ddfast.benchmarks.label_metagrad import CASES, MODES, make_fn, peak_memory_bytes
+
+    print(f"label meta-gradient, LeNet 28×28, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    header = f"{'case':<20}{'mode':<14}{'provider':<11}{'median ms':>10}{'peak MiB':>10}{'ref/prov':>9}{'mem ratio':>10}"
+    print(header)
+    print("-" * len(header))
+    for case in CASES:
+        for mode in MODES:
+            times, mems = {}, {}
+            for provider in ("reference", "cpu"):
+                fn = make_fn(case, provider, mode)
+                fn()
+                timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                times[provider] = timer.blocked_autorange(min_run_time=args.min_time).median
+                mems[provider] = peak_memory_bytes(fn) / 2**20
+                print(f"{case.name:<20}{mode:<14}{provider:<11}{times[provider] * 1e3:>10.2f}{mems[provider]:>10.1f}"
+                      f"{times['reference'] / times[provider]:>9.2f}{mems[provider] / mems['reference']:>10.2f}")
+    return 0
+
+
 def _distill_ld(args) -> int:
     from ddfast.experiments.ld import distill
 
@@ -118,7 +142,11 @@ def main(argv=None) -> int:
     _add_distill_options(table, single=False)
     table.add_argument("--models", type=int, default=10, help="fresh models per cell")
     table.add_argument("--out", default="runs", help="folder for the runs and the table JSON")
+    lmg = bench_sub.add_parser("label-metagrad", help="label meta-gradient and LD meta-iterations")
+    lmg.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per cell")
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.op == "label-metagrad":
+        return _bench_label_metagrad(args)
     if args.command == "distill":
         return _distill_ld(args)
     if args.command == "evaluate":

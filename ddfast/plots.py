@@ -28,7 +28,8 @@ def plot_labels(images: torch.Tensor, labels: torch.Tensor, path: str, classes=N
     for i in range(k):
         ax = fig.add_subplot(grid[0, i])
         img = images[i].clamp(0, 1)
-        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+        img = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
         ax.set_xticks([])
         ax.set_yticks([])
         if true_labels is not None:

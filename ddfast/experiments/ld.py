@@ -27,7 +27,7 @@ __all__ = ["PRESETS", "preset", "prepare", "distill", "save_distilled", "load_di
 
 # Per-data-set defaults (§4.1 for the 28×28 and CIFAR sets; digits: a quick CPU-scale setting).
 PRESETS = {
-    "digits": dict(model="mlp", image_size=8, epochs=500, outer_batch=256, val_every=25),
+    "digits": dict(model="mlp", image_size=8, epochs=1500, outer_batch=256, val_every=50, stats_gap=100),
     "mnist": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),
     "fashion-mnist": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),
     "kmnist": dict(model="lenet", image_size=28, epochs=400, outer_batch=1024, val_every=5),

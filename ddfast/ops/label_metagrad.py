@@ -346,7 +346,7 @@ def _check_classes(model, x_base, C):
 # --------------------------------------------------------------------------- public API
 
 
-def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=None, backend="auto"):
+def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto"):
     """L_out(ỹ) of second-order LD, differentiable w.r.t. ``y_soft`` (label-distillation §3, eq. 1).
 
     Args:
@@ -382,7 +382,7 @@ class _ReferenceLoss(torch.autograd.Function):
         return (g * grad,) + (None,) * 6
 
 
-def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=None, backend="auto"):
+def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto"):
     """L_out, ∂L_out/∂ỹ (and what LD's model step reuses) of second-order LD.
 
     Arguments as :func:`label_meta_loss`. Returns a :class:`LabelMetagrad`.
