@@ -81,7 +81,7 @@ class LDConfig:
     val_every: int = 5  # epochs between label validations
     seed: int = 0
     backend: str = "auto"
-    outer_chunk: int | None = 256  # real examples per forward/backward chunk (fused second order)
+    outer_chunk: int | None = 256  # real examples per forward(/backward) chunk: bounds activation memory
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -243,8 +243,9 @@ class LabelDistiller:
         cfg, model = self.config, self.model
         y = yb.clone().requires_grad_(True)
         z = model.features(xb)
-        with torch.no_grad():
-            z_real = model.features(x_real)
+        with torch.no_grad():  # real features are constants here: no graph, in chunks (activation memory)
+            step = cfg.outer_chunk or x_real.shape[0]
+            z_real = torch.cat([model.features(x_real[s : s + step]) for s in range(0, x_real.shape[0], step)])
         if cfg.backend == "reference":
             w_local = ridge_weights_ref(z, y, cfg.ridge_lambda, bias=True)
         else:
