@@ -290,11 +290,14 @@ class LabelMetagrad(NamedTuple):
 
 
 class LabelMetagradFunction(torch.autograd.Function):
-    """L_out(ỹ) with the fused closed-form ∂L_out/∂ỹ (computed in the forward, scaled in the backward)."""
+    """L_out(ỹ) whose backward scales ∂L_out/∂ỹ, computed with the loss in the forward.
+
+    ``metagrad(ỹ) -> (L_out, ∂L_out/∂ỹ)`` is the fused closed form or the reference.
+    """
 
     @staticmethod
-    def forward(ctx, y_soft, model, x_base, x_real, y_real, inner_lr, reduction, outer_chunk, kernels):
-        loss, grad = _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk)[:2]
+    def forward(ctx, y_soft, metagrad):
+        loss, grad = metagrad(y_soft)
         ctx.save_for_backward(grad)
         return loss
 
@@ -302,7 +305,7 @@ class LabelMetagradFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (g * grad, None, None, None, None, None, None, None, None)
+        return g * grad, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -361,25 +364,13 @@ def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, red
     """
     _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
+    lr = float(inner_lr)
     if name == "reference":
-        return _ReferenceLoss.apply(y_soft, model, x_base, x_real, y_real, float(inner_lr), reduction)
-    return LabelMetagradFunction.apply(
-        y_soft, model, x_base, x_real, y_real, float(inner_lr), reduction, outer_chunk, _KERNELS[name]
-    )
-
-
-class _ReferenceLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_soft, model, x_base, x_real, y_real, inner_lr, reduction):
-        loss, grad = label_metagrad_ref(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return (g * grad,) + (None,) * 6
+        metagrad = lambda y: label_metagrad_ref(model, x_base, y, x_real, y_real, lr, reduction)  # noqa: E731
+    else:
+        metagrad = lambda y: _fused_metagrad(  # noqa: E731
+            _KERNELS[name], model, x_base, y, x_real, y_real, lr, reduction, outer_chunk)[:2]
+    return LabelMetagradFunction.apply(y_soft, metagrad)
 
 
 def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto"):
