@@ -187,3 +187,19 @@ def test_cli_distill_evaluate_resume(tmp_path, capsys):
 def test_cli_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "ddfast.cli", "distill", "ld", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout
+
+
+@pytest.mark.parametrize("name, c, size, dim", [("lenet", 1, 28, 84), ("lenet", 3, 32, 84), ("alexnet", 3, 32, 192),
+                                                ("resnet18", 3, 32, 512), ("mlp", 1, 8, 64)])
+def test_models_split_into_features_and_linear_head(name, c, size, dim):
+    from ddfast.models import build_model
+    from ddfast.ops.label_metagrad import split_model
+
+    m = build_model(name, c, 7, size)
+    x = torch.randn(2, c, size, size)
+    features, head = split_model(m)
+    h = features(x)
+    assert h.shape == (2, dim) and head.in_features == dim
+    torch.testing.assert_close(m(x), head(h))
+    with pytest.raises(ValueError, match="model"):
+        build_model("vgg", c, 7, size)
