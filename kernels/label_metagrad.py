@@ -53,17 +53,7 @@ MAX_CLASSES = 1024
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
-try:
-    import triton
-    import triton.language as tl
-
-    TRITON_AVAILABLE = True
-    TRITON_UNAVAILABLE_REASON = ""
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    TRITON_AVAILABLE = False
-    TRITON_UNAVAILABLE_REASON = f"triton is not importable ({type(exc).__name__}: {exc})"
+from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton  # noqa: F401
 
 
 if TRITON_AVAILABLE:
