@@ -1,8 +1,9 @@
-"""Command line: ``ddfast info``, ``ddfast distill ld``, ``ddfast evaluate``, ``ddfast ld-table``, ``ddfast bench``."""
+"""Command line: ``ddfast info``, ``ddfast distill ld``, ``ddfast evaluate``, ``ddfast ld-table``, ``ddfast bench``, ``ddfast ssl``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -57,6 +58,33 @@ def _bench_label_metagrad(args) -> int:
     return 0
 
 
+def _bench_krr_st(args) -> int:
+    import torch
+    from torch.utils import benchmark
+
+    from ddfast.benchmarks.krr_st import CASES, make_fn, peak_memory_bytes
+
+    print(f"KRR-ST meta-step, ConvNet-D3 3×32×32, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    header = f"{'case':<22}{'part':<10}{'provider':<11}{'median ms':>10}{'peak MiB':>10}{'ref/prov':>9}"
+    print(header)
+    print("-" * len(header))
+    for case in CASES:
+        times = {}
+        for part, providers in (("features", ("reference",)), ("solve", ("reference", "cpu")), ("step", ("reference", "cpu"))):
+            for provider in providers:
+                fn = make_fn(case, provider, part)
+                fn()
+                timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                t = times[part, provider] = timer.blocked_autorange(min_run_time=args.min_time).median
+                mem = peak_memory_bytes(fn) / 2**20
+                print(f"{case.name:<22}{part:<10}{provider:<11}{t * 1e3:>10.1f}{mem:>10.1f}"
+                      f"{times[part, 'reference'] / t:>9.2f}")
+        for provider in ("reference", "cpu"):
+            share = times["solve", provider] / times["step", provider]
+            print(f"{case.name:<22}solve share of the step ({provider}): {100 * share:.1f}%")
+    return 0
+
+
 def _distill_ld(args) -> int:
     from ddfast.experiments.ld import distill
 
@@ -78,6 +106,50 @@ def _distill_ld(args) -> int:
     return 0
 
 
+def _distill_krr_st(args) -> int:
+    from ddfast.experiments.krr_st import distill
+
+    overrides = dict(m=args.m, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size,
+                     pool_steps=args.pool_steps, widths=tuple(args.widths) if args.widths else None, init=args.init,
+                     backend=args.backend, seed=args.seed, solve_dtype=args.solve_dtype)
+    krr, result, _ = distill(args.dataset, args.target, out=args.out, root=args.root, image_size=args.image_size,
+                             resume=args.resume, progress=not args.no_progress,
+                             checkpoint_every=args.checkpoint_every, **overrides)
+    losses = [h["loss"] for h in result.history]
+    k = max(1, min(50, len(losses) // 10))
+    print(f"{args.out}: KRR-ST m={krr.config.m}, {result.steps} steps, outer loss {sum(losses[:k]) / k:.4g} → "
+          f"{sum(losses[-k:]) / k:.4g} (mean of {k}), {krr.pool.resets} pool resets, {result.seconds:.0f} s")
+    print(f"{args.out}: distilled.safetensors, images.png, pca.png, meta.json")
+    return 0
+
+
+def _krr_st_table(args) -> int:
+    from ddfast.evaluate.transfer import TransferSettings, format_transfer_table
+    from ddfast.experiments.krr_st import kd_table, transfer
+
+    settings = TransferSettings()
+    for name in ("arch", "pretrain_epochs", "finetune_steps", "target_train_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    if args.widths:
+        settings.widths = tuple(args.widths)
+    results = transfer(args.run, args.targets, runs=args.runs, settings=settings, progress=not args.no_progress)
+    print()
+    print(f"{args.run}: transfer test accuracy (%), {settings.arch}, mean ± std over {args.runs} runs")
+    print(format_transfer_table(results))
+    if args.kd:
+        kd = kd_table(args.run, args.kd, runs=args.runs, settings=settings, progress=not args.no_progress)
+        print()
+        print(f"{args.run}: target data-free KD on {args.kd} (%), mean ± std over {args.runs} runs")
+        print(format_transfer_table(kd))
+    if args.json:
+        from ddfast.artifacts import write_json_atomic
+
+        write_json_atomic(args.json, {"transfer": results, **({"kd": kd} if args.kd else {})})
+    return 0
+
+
 def _evaluate(args) -> int:
     from ddfast.experiments.ld import evaluate_run
 
@@ -96,6 +168,25 @@ def _ld_table(args) -> int:
     print()
     print(f"{args.dataset}: test accuracy (%), mean ± std over {args.models} fresh models")
     print(format_table(rows, args.base_examples))
+    return 0
+
+
+def _ssl(args) -> int:
+    from ddfast.data import load_dataset
+    from ddfast.ssl import train_barlow_twins
+    from ddfast.ssl.barlow_twins import TARGET_FILE
+
+    data = load_dataset(args.dataset, args.root, image_size=args.image_size)
+    presets = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "projector") if getattr(args, k) is not None}
+    target = train_barlow_twins(
+        data, arch=args.arch, widths=args.widths, width=args.width, batch_size=args.batch_size,
+        lambda_offdiag=args.lambda_offdiag, seed=args.seed, out=args.out, resume=not args.no_resume,
+        progress=not args.no_progress, max_train=args.max_train, **presets,
+    )
+    meta = target.meta
+    print(f"{args.out}: Barlow Twins {meta['arch']} on {meta['dataset']} ({meta['train_examples']} images), "
+          f"{meta['epochs']} epochs, final loss {meta['final_loss']:.2f}, {target.out_dim}-d representation")
+    print(f"target model: {os.path.join(args.out, TARGET_FILE)}")
     return 0
 
 
@@ -133,6 +224,38 @@ def main(argv=None) -> int:
     ld.add_argument("--out", required=True, help="run directory (artifacts, checkpoint)")
     ld.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     ld.add_argument("--evaluate", type=int, default=0, metavar="K", help="then test K fresh models")
+    krr = distill_sub.add_parser("krr-st", help="KRR-ST self-supervised distillation (krr-st-selfsup Algorithm 1)")
+    krr.add_argument("--dataset", default="mnist", help="unlabeled source data set (mnist, fashion-mnist, digits, cifar100, ...)")
+    krr.add_argument("--root", default=None, help="folder with the data set's files")
+    krr.add_argument("--target", required=True, help="folder of the target model g_φ made by `ddfast ssl`")
+    krr.add_argument("--out", required=True, help="run directory (artifacts, checkpoint)")
+    krr.add_argument("--m", type=int, default=None, help="synthetic examples")
+    krr.add_argument("--steps", type=int, default=None, help="meta-steps")
+    krr.add_argument("--batch-size", type=int, default=None, help="b, real images per meta-step")
+    krr.add_argument("--lr", type=float, default=None, help="AdamW learning rate (decayed linearly)")
+    krr.add_argument("--pool-size", type=int, default=None, help="l, models in the pool")
+    krr.add_argument("--pool-steps", type=int, default=None, help="T, steps before a pool model is re-initialised")
+    krr.add_argument("--widths", type=int, nargs="+", default=None, help="ConvNet channels per block")
+    krr.add_argument("--init", default=None, choices=["target", "gaussian"], help="Y_s init (gaussian: 'w/o init')")
+    krr.add_argument("--image-size", type=int, default=None)
+    krr.add_argument("--solve-dtype", default=None, choices=["float32", "float64"])
+    krr.add_argument("--checkpoint-every", type=int, default=100)
+    krr.add_argument("--backend", default="auto", help="auto | fused | cpu | triton | cuda | reference")
+    krr.add_argument("--seed", type=int, default=0)
+    krr.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    krr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    kt = sub.add_parser("krr-st-table", help="KRR-ST transfer (and data-free KD) table against w/o pre, Random, K-means")
+    kt.add_argument("run", help="a KRR-ST run directory")
+    kt.add_argument("--targets", nargs="+", default=None, help="labelled target data sets (default: per source)")
+    kt.add_argument("--runs", type=int, default=3, help="pre-train + fine-tune runs per cell")
+    kt.add_argument("--arch", default=None, help="network pre-trained and fine-tuned (convnet, resnet10, alexnet, ...)")
+    kt.add_argument("--widths", type=int, nargs="+", default=None, help="ConvNet channels per block")
+    kt.add_argument("--pretrain-epochs", type=int, default=None)
+    kt.add_argument("--finetune-steps", type=int, default=None)
+    kt.add_argument("--target-train-size", type=int, default=None, help="labelled target examples used for fine-tuning")
+    kt.add_argument("--kd", default=None, metavar="TARGET", help="also the data-free KD table on this target")
+    kt.add_argument("--json", default=None, help="write the results here")
+    kt.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser("evaluate", help="train fresh models on distilled runs and report test accuracy")
     ev.add_argument("runs", nargs="+")
     ev.add_argument("--models", type=int, default=20)
@@ -144,11 +267,40 @@ def main(argv=None) -> int:
     table.add_argument("--out", default="runs", help="folder for the runs and the table JSON")
     lmg = bench_sub.add_parser("label-metagrad", help="label meta-gradient and LD meta-iterations")
     lmg.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per cell")
+    ssl = sub.add_parser("ssl", help="train the self-supervised (Barlow Twins) target model of KRR-ST")
+    ssl.add_argument("--dataset", default="mnist", help="unlabeled source data set (its training split)")
+    ssl.add_argument("--root", default=None, help="folder with the data set's files")
+    ssl.add_argument("--image-size", type=int, default=None)
+    ssl.add_argument("--arch", default="convnet", choices=["convnet", "resnet18"])
+    ssl.add_argument("--widths", type=int, nargs="+", default=None, help="ConvNet block widths (default 32 64 128)")
+    ssl.add_argument("--width", type=int, default=64, help="ResNet-18 first-stage width (64: paper, 512-d)")
+    ssl.add_argument("--epochs", type=int, default=None, help="passes over the training images (default: CPU preset)")
+    ssl.add_argument("--batch-size", type=int, default=256)
+    ssl.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
+    ssl.add_argument("--weight-decay", type=float, default=None)
+    ssl.add_argument("--projector", type=int, nargs="+", default=None,
+                     help="projector widths (default 512 512 512; paper: 8192 8192 8192)")
+    ssl.add_argument("--lambda-offdiag", type=float, default=5.1e-3)
+    ssl.add_argument("--max-train", type=int, default=None, help="train on a random subset of this many images")
+    ssl.add_argument("--seed", type=int, default=0)
+    ssl.add_argument("--out", required=True, help="folder for the checkpoint and target.safetensors")
+    ssl.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    ssl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    kb = bench_sub.add_parser("krr-st", help="one KRR-ST meta-step: solve vs ConvNet passes")
+    kb.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per cell")
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.op == "krr-st":
+        return _bench_krr_st(args)
     if args.command == "bench" and args.op == "label-metagrad":
         return _bench_label_metagrad(args)
+    if args.command == "distill" and args.method == "krr-st":
+        return _distill_krr_st(args)
+    if args.command == "ssl":
+        return _ssl(args)
     if args.command == "distill":
         return _distill_ld(args)
+    if args.command == "krr-st-table":
+        return _krr_st_table(args)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "ld-table":

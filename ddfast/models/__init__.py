@@ -6,19 +6,26 @@ gives the fused label meta-gradient its head GEMM and LD-RR its ridge-regression
 """
 
 from ddfast.models.alexnet import AlexNet
+from ddfast.models.convnet import ConvNet
 from ddfast.models.lenet import LeNet
 from ddfast.models.mlp import MLP
-from ddfast.models.resnet import ResNet18
+from ddfast.models.resnet import ResNet10, ResNet18
+from ddfast.models.vgg import VGG11
 
-__all__ = ["LeNet", "AlexNet", "ResNet18", "MLP", "build_model", "MODELS"]
+__all__ = ["LeNet", "AlexNet", "ConvNet", "ResNet18", "ResNet10", "VGG11", "MLP", "build_model", "MODELS"]
 
-MODELS = {"lenet": LeNet, "alexnet": AlexNet, "resnet18": ResNet18, "mlp": MLP}
+MODELS = {"lenet": LeNet, "alexnet": AlexNet, "convnet": ConvNet, "resnet18": ResNet18, "resnet10": ResNet10,
+          "vgg11": VGG11, "mlp": MLP}
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int):
-    """A fresh randomly initialised network by name (``lenet``, ``alexnet``, ``resnet18``, ``mlp``)."""
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int, **options):
+    """A fresh randomly initialised network by name (``lenet``, ``alexnet``, ``convnet``, ``resnet18``,
+    ``resnet10``, ``vgg11``, ``mlp``).
+
+    ``options`` go to the class (e.g. ``widths=``/``norm=`` for ConvNet, ``width=`` for ResNet18/ResNet10/VGG11).
+    """
     try:
         cls = MODELS[name.lower()]
     except KeyError:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}") from None
-    return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)

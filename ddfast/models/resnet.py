@@ -1,7 +1,8 @@
-"""ResNet-18 for small images (label-distillation Tables 13–14; 64-d features before the head there).
+"""ResNet-18 and ResNet-10 for small images (label-distillation Tables 13–14; krr-st-selfsup §4.1).
 
-The CIFAR-style stem (3×3 conv, no max-pool). ``width`` sets the first stage's channels (64 is the
-standard ResNet-18; the stages double it three times) and the feature width is 8·width.
+The CIFAR-style stem (3×3 conv, no max-pool), four stages of BasicBlocks (two per stage for ResNet-18,
+one for ResNet-10), global average pooling. ``width`` sets the first stage's channels (64 is the
+standard network; the stages double it three times) and the feature width is 8·width.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18Features(nn.Module):
-    def __init__(self, in_channels: int, width: int):
+class ResNetFeatures(nn.Module):
+    """Stem, four stages of ``blocks_per_stage`` BasicBlocks (strides 1, 2, 2, 2), average pool."""
+
+    def __init__(self, in_channels: int, width: int, blocks_per_stage: int = 2):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, cin = [], width
         for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if i == 0 else 2
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            layers += [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout, 1) for _ in range(blocks_per_stage - 1)]
             cin = cout
         self.layers = nn.Sequential(*layers)
 
@@ -42,10 +45,28 @@ class ResNet18Features(nn.Module):
         return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
 
 
+class ResNet18Features(ResNetFeatures):
+    def __init__(self, in_channels: int, width: int):
+        super().__init__(in_channels, width, blocks_per_stage=2)
+
+
 class ResNet18(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64):
         super().__init__()
         self.features = ResNet18Features(in_channels, width)
+        self.feature_dim = 8 * width
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ResNet10(nn.Module):
+    """ResNet-18's layout with one BasicBlock per stage (the krr-st-selfsup architecture-transfer net)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64):
+        super().__init__()
+        self.features = ResNetFeatures(in_channels, width, blocks_per_stage=1)
         self.feature_dim = 8 * width
         self.head = nn.Linear(self.feature_dim, num_classes)
 

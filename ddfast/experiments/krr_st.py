@@ -1,0 +1,247 @@
+"""KRR-ST runs: source data + target model + distiller + artifacts, transfer and data-free KD tables.
+
+A run directory holds ``distilled.safetensors`` (X_s, Y_s, the rows of X_t that initialised X_s),
+``meta.json`` (data set, target model, hyper-parameters, loss history, time), ``images.png`` (initial vs
+distilled images), ``pca.png`` (g_φ(X_t), g_φ(X_s), Y_s; krr-st-selfsup Fig. 2) and, while running,
+``checkpoint.safetensors`` (atomic; ``resume=True`` continues bit-identically).
+
+Transfer rows (krr-st-selfsup §4.1 baselines, on the same budget m): ``w/o pre`` (fine-tune from random
+init), ``Random`` (m random source images pre-trained with their labels and cross-entropy, as the
+method's evaluation does for labelled baselines), ``K-means`` (for each of m k-means centroids in g_φ's
+feature space the nearest real image, with its label), ``Random+g_φ`` (m random images regressed on
+g_φ — KRR-ST's initialisation, i.e. the same set without distillation) and ``KRR-ST``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ddfast.artifacts import _atomic_write, write_json_atomic
+from ddfast.data import load_dataset
+from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller, encode_in_chunks
+
+__all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "transfer_rows",
+           "transfer", "kd_table"]
+
+# CPU-scale defaults per source data set (the paper's settings are KRRSTConfig's defaults, §4.1).
+PRESETS = {
+    "mnist": dict(image_size=28, targets=("mnist", "fashion-mnist", "digits"), m=100, steps=1000, batch_size=256,
+                  pool_steps=200, widths=(32, 64, 128)),
+    "fashion-mnist": dict(image_size=28, targets=("fashion-mnist", "mnist", "digits"), m=100, steps=1000,
+                          batch_size=256, pool_steps=200, widths=(32, 64, 128)),
+    "digits": dict(image_size=16, targets=("digits",), m=50, steps=300, batch_size=256, pool_steps=100,
+                   widths=(16, 32)),
+}
+
+
+def preset(dataset: str) -> dict:
+    return dict(PRESETS.get(dataset, PRESETS["mnist"]))
+
+
+def load_source(dataset: str, image_size: int | None = None, root: str | None = None):
+    """The source data set at the run's resolution (its labels are used only by labelled baselines)."""
+    return load_dataset(dataset, root, image_size=image_size or preset(dataset)["image_size"])
+
+
+def _load_target_model(target_dir: str):
+    from ddfast.ssl.barlow_twins import load_target
+
+    return load_target(target_dir)
+
+
+def _check_target_fits(target, ds, target_dir):
+    c, h = ds.train_x.shape[1], ds.train_x.shape[-1]
+    tc, th = getattr(target, "in_channels", c), getattr(target, "image_size", h)
+    if (tc, th) != (c, h):
+        raise ValueError(f"target: the model in {target_dir} takes {tc}×{th}×{th} images, the source data set "
+                         f"{ds.name} is {c}×{h}×{h}; train the target at this resolution (ddfast ssl --image-size {h})")
+
+
+def distill(dataset: str, target_dir: str, *, out: str | None = None, root: str | None = None,
+            image_size: int | None = None, resume: bool = False, progress: bool = False,
+            checkpoint_every: int = 100, **overrides):
+    """Distil ``dataset`` with the target model saved in ``target_dir`` (Algorithm 1).
+
+    ``overrides`` set :class:`KRRSTConfig` fields (m, steps, batch_size, lr, pool_steps, widths, init,
+    backend, seed, ...); the rest come from :data:`PRESETS`. Returns ``(distiller, result, source)``.
+    """
+    p = preset(dataset)
+    image_size = image_size or p["image_size"]
+    fields_ = KRRSTConfig.__dataclass_fields__
+    cfg_kwargs = {k: v for k, v in p.items() if k in fields_}
+    cfg_kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(cfg_kwargs) - set(fields_)
+    if unknown:
+        raise ValueError(f"overrides: unknown KRRSTConfig fields {sorted(unknown)}")
+    config = KRRSTConfig(**cfg_kwargs)
+    target = _load_target_model(target_dir)
+    ds = load_source(dataset, image_size, root)
+    _check_target_fits(target, ds, target_dir)
+    train_targets = encode_in_chunks(target, ds.train_x)
+    krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets)
+    if out:
+        _write_meta(out, krr, dataset, target_dir, image_size, status="running")
+    result = krr.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+    if out:
+        save_distilled(out, result, dataset, target_dir, image_size)
+        _write_meta(out, krr, dataset, target_dir, image_size, status="done", result=result)
+        _plots(out, ds, result, train_targets, target)
+    return krr, result, ds
+
+
+def _write_meta(out, krr, dataset, target_dir, image_size, status, result=None):
+    from ddfast import __version__
+
+    meta = {"method": "krr-st", "dataset": dataset, "target": os.path.abspath(target_dir), "image_size": image_size,
+            "status": status, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(krr.config).items()},
+            "out_dim": krr.out_dim, "version": __version__}
+    if result is not None:
+        losses = [h["loss"] for h in result.history]
+        k = max(1, min(50, len(losses) // 10))
+        meta.update(steps=result.steps, seconds=round(result.seconds, 2), pool_resets=krr.pool.resets,
+                    loss_first=sum(losses[:k]) / k if losses else None,
+                    loss_last=sum(losses[-k:]) / k if losses else None)
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "meta.json"), meta)
+
+
+def save_distilled(out: str, result, dataset: str, target_dir: str, image_size: int) -> str:
+    """``distilled.safetensors``: images (X_s), targets (Y_s), init_indices; metadata says where from."""
+    path = os.path.join(out, "distilled.safetensors")
+    tensors = {"images": result.images.contiguous(), "targets": result.targets.contiguous(),
+               "init_indices": result.init_indices.contiguous()}
+    meta = {"method": "krr-st", "dataset": dataset, "target": os.path.abspath(target_dir), "image_size": str(image_size)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def load_distilled(run_dir: str) -> tuple[dict, dict]:
+    """``(tensors, meta)`` of a KRR-ST run directory (safetensors + JSON, no unpickling)."""
+    path, meta_path = os.path.join(run_dir, "distilled.safetensors"), os.path.join(run_dir, "meta.json")
+    for p in (path, meta_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: missing; distil first with `ddfast distill krr-st ... --out {run_dir}`")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if meta.get("method") != "krr-st":
+        raise ValueError(f"{run_dir}: not a KRR-ST run (method={meta.get('method')!r})")
+    return tensors, meta
+
+
+def _plots(out, ds, result, train_targets, target):
+    from ddfast.plots import plot_distilled_images, plot_representation_pca
+
+    before = ds.unnormalize(ds.train_x[result.init_indices])
+    plot_distilled_images(before, ds.unnormalize(result.images), os.path.join(out, "images.png"),
+                          title=f"KRR-ST on {ds.name}: {result.images.shape[0]} images, {result.steps} steps")
+    plot_representation_pca(train_targets, encode_in_chunks(target, result.images), result.targets,
+                            os.path.join(out, "pca.png"), title=f"KRR-ST on {ds.name}: target space (PCA)")
+
+
+# ------------------------------------------------------------------------------------------ transfer
+
+
+@dataclass
+class PretrainSet:
+    """A row of the transfer table: the pre-training images and ``seed -> pre-trained model | None``."""
+
+    images: torch.Tensor | None
+    pretrain: Callable[[int], object]
+
+    def __call__(self, seed: int):
+        return self.pretrain(seed)
+
+
+def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str | None = None) -> dict:
+    """The pre-training sets of the transfer table for one KRR-ST run (name → :class:`PretrainSet`)."""
+    from ddfast.evaluate.transfer import TransferSettings, pretrain_classification, pretrain_regression
+    from ddfast.select import kmeans_select, random_select
+
+    tensors, meta = load_distilled(run_dir)
+    settings = settings or TransferSettings()
+    x_s, y_s = tensors["images"], tensors["targets"]
+    m = x_s.shape[0]
+    ds = load_source(meta["dataset"], meta["image_size"], root)
+    seed0 = int(meta["config"]["seed"])
+    target = _load_target_model(meta["target"])
+
+    def labelled(idx):
+        x, y = ds.train_x[idx], ds.train_y[idx]
+        return PretrainSet(x, lambda seed: pretrain_classification(x, y, ds.num_classes, settings, seed))
+
+    rows = {"w/o pre": PretrainSet(None, lambda seed: None),
+            "Random": labelled(random_select(ds.train_x.shape[0], m, seed0 + 1))}
+    if kmeans:
+        rows["K-means"] = labelled(kmeans_select(encode_in_chunks(target, ds.train_x), m, seed0))
+    x_init = ds.train_x[tensors["init_indices"]]
+    y_init = encode_in_chunks(target, x_init)
+    rows["Random+g_φ"] = PretrainSet(x_init, lambda seed: pretrain_regression(x_init, y_init, settings, seed))
+    rows["KRR-ST"] = PretrainSet(x_s, lambda seed: pretrain_regression(x_s, y_s, settings, seed))
+    return rows
+
+
+def _targets(names, image_size, channels, roots=None):
+    out = {}
+    for name in names:
+        ds = load_dataset(name, (roots or {}).get(name), image_size=image_size)
+        if ds.channels != channels:
+            raise ValueError(f"targets: {name} has {ds.channels} channels, the source {channels}")
+        out[name] = ds
+    return out
+
+
+def transfer(run_dir: str, targets=None, *, runs: int = 3, settings=None, progress: bool = False,
+             root: str | None = None):
+    """Transfer table (krr-st-selfsup Tables 1–3 at CPU scale): method → target → (mean, std) test accuracy."""
+    from ddfast.evaluate.transfer import TransferSettings, transfer_table
+
+    _, meta = load_distilled(run_dir)
+    settings = settings or TransferSettings()
+    names = targets or preset(meta["dataset"])["targets"]
+    src = load_source(meta["dataset"], meta["image_size"], root)
+    tds = _targets(names, meta["image_size"], src.channels)
+    rows = transfer_rows(run_dir, settings=settings, root=root)
+    return transfer_table(rows, tds, settings, runs=runs, progress=progress)
+
+
+def kd_table(run_dir: str, target: str, *, runs: int = 3, settings=None, progress: bool = False,
+             root: str | None = None) -> dict:
+    """Target data-free KD (§4.2, eq. 6): a teacher trained on ``target``; each student is pre-trained on
+    a surrogate set, then trained on that set's images only against the teacher. ``Gaussian`` starts
+    from random init and feeds N(0, I) noise. Returns method → {target: (mean, std)}."""
+    from ddfast.evaluate.transfer import TransferSettings, kd_transfer, train_teacher
+
+    _, meta = load_distilled(run_dir)
+    settings = settings or TransferSettings()
+    src = load_source(meta["dataset"], meta["image_size"], root)
+    tds = _targets([target], meta["image_size"], src.channels)[target]
+    rows = transfer_rows(run_dir, settings=settings, root=root)
+    names = ["Gaussian"] + [k for k in rows if k != "w/o pre"]
+    accs: dict[str, list[float]] = {k: [] for k in names}
+    iterator = range(runs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"KD on {target}", unit="run")
+    for run in iterator:
+        teacher = train_teacher(tds, settings, seed=1000 + run)
+        for name in names:
+            row = rows["w/o pre"] if name == "Gaussian" else rows[name]
+            x = rows["KRR-ST"].images if name == "Gaussian" else row.images
+            accs[name].append(kd_transfer(row(run), x, teacher, tds, settings, seed=run, gaussian=name == "Gaussian"))
+    return {k: {target: _mean_std(v)} for k, v in accs.items()}
+
+
+def _mean_std(v):
+    t = torch.tensor(v, dtype=torch.float64)
+    return float(t.mean()), (float(t.std(unbiased=False)) if len(v) > 1 else 0.0)
