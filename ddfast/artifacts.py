@@ -14,7 +14,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-__all__ = ["save_state", "load_state", "write_json_atomic", "flatten_tensors", "unflatten_tensors"]
+__all__ = ["save_state", "load_state", "write_json_atomic", "read_run", "flatten_tensors", "unflatten_tensors"]
 
 _META_KEY = "ddfast"
 _SEP = "/"
@@ -97,3 +97,17 @@ def write_json_atomic(path: str, obj) -> None:
             f.write("\n")
 
     _atomic_write(path, write)
+
+
+def read_run(run_dir: str, method: str) -> tuple[dict, dict]:
+    """``(tensors, meta)`` of a distillation run directory: ``distilled.safetensors`` + ``meta.json``
+    (no unpickling). A missing file names the ``ddfast distill <method>`` command that writes it."""
+    path, meta_path = os.path.join(run_dir, "distilled.safetensors"), os.path.join(run_dir, "meta.json")
+    for p in (path, meta_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: missing; distil first with `ddfast distill {method} ... --out {run_dir}`")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    return tensors, meta

@@ -127,17 +127,21 @@ def _krr_st_table(args) -> int:
     from ddfast.evaluate.transfer import TransferSettings, format_transfer_table
     from ddfast.experiments.krr_st import kd_table, transfer
 
+    if args.kd_only and not args.kd:
+        raise SystemExit("krr-st-table: --kd-only needs --kd TARGET")
     settings = TransferSettings()
-    for name in ("arch", "pretrain_epochs", "finetune_steps", "target_train_size"):
+    for name in ("arch", "pretrain_epochs", "finetune_steps", "target_train_size", "kd_epochs", "teacher_steps"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
     if args.widths:
         settings.widths = tuple(args.widths)
-    results = transfer(args.run, args.targets, runs=args.runs, settings=settings, progress=not args.no_progress)
-    print()
-    print(f"{args.run}: transfer test accuracy (%), {settings.arch}, mean ± std over {args.runs} runs")
-    print(format_transfer_table(results))
+    results = {}
+    if not args.kd_only:
+        results = transfer(args.run, args.targets, runs=args.runs, settings=settings, progress=not args.no_progress)
+        print()
+        print(f"{args.run}: transfer test accuracy (%), {settings.arch} {settings.widths or ''}, mean ± std over {args.runs} runs")
+        print(format_transfer_table(results))
     if args.kd:
         kd = kd_table(args.run, args.kd, runs=args.runs, settings=settings, progress=not args.no_progress)
         print()
@@ -146,7 +150,7 @@ def _krr_st_table(args) -> int:
     if args.json:
         from ddfast.artifacts import write_json_atomic
 
-        write_json_atomic(args.json, {"transfer": results, **({"kd": kd} if args.kd else {})})
+        write_json_atomic(args.json, {"transfer": results, "arch": settings.arch, **({"kd": kd} if args.kd else {})})
     return 0
 
 
@@ -254,6 +258,9 @@ def main(argv=None) -> int:
     kt.add_argument("--finetune-steps", type=int, default=None)
     kt.add_argument("--target-train-size", type=int, default=None, help="labelled target examples used for fine-tuning")
     kt.add_argument("--kd", default=None, metavar="TARGET", help="also the data-free KD table on this target")
+    kt.add_argument("--kd-epochs", type=int, default=None, help="student epochs on the surrogate images")
+    kt.add_argument("--teacher-steps", type=int, default=None, help="training steps of the KD teacher")
+    kt.add_argument("--kd-only", action="store_true", help="only the data-free KD table (needs --kd)")
     kt.add_argument("--json", default=None, help="write the results here")
     kt.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser("evaluate", help="train fresh models on distilled runs and report test accuracy")

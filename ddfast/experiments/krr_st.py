@@ -14,21 +14,18 @@ g_φ — KRR-ST's initialisation, i.e. the same set without distillation) and ``
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ddfast.artifacts import _atomic_write, write_json_atomic
+from ddfast.artifacts import _atomic_write, read_run, write_json_atomic
 from ddfast.data import load_dataset
 from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller, encode_in_chunks
 
-__all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "transfer_rows",
+__all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "settings_for_run", "transfer_rows",
            "transfer", "kd_table"]
 
 # CPU-scale defaults per source data set (the paper's settings are KRRSTConfig's defaults, §4.1).
@@ -125,14 +122,7 @@ def save_distilled(out: str, result, dataset: str, target_dir: str, image_size: 
 
 def load_distilled(run_dir: str) -> tuple[dict, dict]:
     """``(tensors, meta)`` of a KRR-ST run directory (safetensors + JSON, no unpickling)."""
-    path, meta_path = os.path.join(run_dir, "distilled.safetensors"), os.path.join(run_dir, "meta.json")
-    for p in (path, meta_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: missing; distil first with `ddfast distill krr-st ... --out {run_dir}`")
-    with safe_open(path, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with open(meta_path) as fh:
-        meta = json.load(fh)
+    tensors, meta = read_run(run_dir, "krr-st")
     if meta.get("method") != "krr-st":
         raise ValueError(f"{run_dir}: not a KRR-ST run (method={meta.get('method')!r})")
     return tensors, meta
@@ -162,13 +152,25 @@ class PretrainSet:
         return self.pretrain(seed)
 
 
+def settings_for_run(settings, meta: dict):
+    """Transfer settings for a run: a ConvNet without explicit widths gets the widths the run distilled
+    with (the method pre-trains and fine-tunes the architecture it distilled with, §4.1)."""
+    from ddfast.evaluate.transfer import TransferSettings
+
+    settings = settings or TransferSettings()
+    widths = meta.get("config", {}).get("widths")
+    if settings.arch == "convnet" and settings.widths is None and widths:
+        settings = settings.replace(widths=tuple(widths))
+    return settings
+
+
 def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str | None = None) -> dict:
     """The pre-training sets of the transfer table for one KRR-ST run (name → :class:`PretrainSet`)."""
-    from ddfast.evaluate.transfer import TransferSettings, pretrain_classification, pretrain_regression
+    from ddfast.evaluate.transfer import pretrain_classification, pretrain_regression
     from ddfast.select import kmeans_select, random_select
 
     tensors, meta = load_distilled(run_dir)
-    settings = settings or TransferSettings()
+    settings = settings_for_run(settings, meta)
     x_s, y_s = tensors["images"], tensors["targets"]
     m = x_s.shape[0]
     ds = load_source(meta["dataset"], meta["image_size"], root)
@@ -203,10 +205,10 @@ def _targets(names, image_size, channels, roots=None):
 def transfer(run_dir: str, targets=None, *, runs: int = 3, settings=None, progress: bool = False,
              root: str | None = None):
     """Transfer table (krr-st-selfsup Tables 1–3 at CPU scale): method → target → (mean, std) test accuracy."""
-    from ddfast.evaluate.transfer import TransferSettings, transfer_table
+    from ddfast.evaluate.transfer import transfer_table
 
     _, meta = load_distilled(run_dir)
-    settings = settings or TransferSettings()
+    settings = settings_for_run(settings, meta)
     names = targets or preset(meta["dataset"])["targets"]
     src = load_source(meta["dataset"], meta["image_size"], root)
     tds = _targets(names, meta["image_size"], src.channels)
@@ -219,10 +221,10 @@ def kd_table(run_dir: str, target: str, *, runs: int = 3, settings=None, progres
     """Target data-free KD (§4.2, eq. 6): a teacher trained on ``target``; each student is pre-trained on
     a surrogate set, then trained on that set's images only against the teacher. ``Gaussian`` starts
     from random init and feeds N(0, I) noise. Returns method → {target: (mean, std)}."""
-    from ddfast.evaluate.transfer import TransferSettings, kd_transfer, train_teacher
+    from ddfast.evaluate.transfer import kd_transfer, train_teacher
 
     _, meta = load_distilled(run_dir)
-    settings = settings or TransferSettings()
+    settings = settings_for_run(settings, meta)
     src = load_source(meta["dataset"], meta["image_size"], root)
     tds = _targets([target], meta["image_size"], src.channels)[target]
     rows = transfer_rows(run_dir, settings=settings, root=root)

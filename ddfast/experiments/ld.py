@@ -7,16 +7,14 @@ and, while running, ``checkpoint.safetensors`` (atomic; ``resume=True`` continue
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ddfast.artifacts import write_json_atomic
+from ddfast.artifacts import read_run, write_json_atomic
 from ddfast.data import balanced_subset, load_dataset, random_subset
 from ddfast.distill.ld import LDConfig, LabelDistiller, default_inner_batch
 from ddfast.evaluate import EvalResult, TrainSettings, choose_steps, evaluate_labels, steps_grid
@@ -158,16 +156,7 @@ def save_distilled(out: str, ld: LabelDistiller, result, prepared: Prepared) -> 
 
 def load_distilled(run_dir: str) -> tuple[dict, dict]:
     """``(tensors, meta)`` of a run directory; reads safetensors + JSON only (no unpickling)."""
-    path = os.path.join(run_dir, "distilled.safetensors")
-    meta_path = os.path.join(run_dir, "meta.json")
-    for p in (path, meta_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: missing; distil first with `ddfast distill ld ... --out {run_dir}`")
-    with safe_open(path, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    return tensors, meta
+    return read_run(run_dir, "ld")
 
 
 def _factory(model: str, channels: int, num_classes: int, image_size: int, rr: bool):
