@@ -130,7 +130,8 @@ def _krr_st_table(args) -> int:
     if args.kd_only and not args.kd:
         raise SystemExit("krr-st-table: --kd-only needs --kd TARGET")
     settings = TransferSettings()
-    for name in ("arch", "pretrain_epochs", "finetune_steps", "target_train_size", "kd_epochs", "teacher_steps"):
+    for name in ("arch", "protocol", "pretrain_epochs", "finetune_steps", "target_train_size", "linear_steps",
+                 "kd_epochs", "teacher_steps"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
@@ -140,7 +141,7 @@ def _krr_st_table(args) -> int:
     if not args.kd_only:
         results = transfer(args.run, args.targets, runs=args.runs, settings=settings, progress=not args.no_progress)
         print()
-        print(f"{args.run}: transfer test accuracy (%), {settings.arch} {settings.widths or ''}, mean ± std over {args.runs} runs")
+        print(f"{args.run}: transfer test accuracy (%), {settings.protocol}, {settings.arch}, mean ± std over {args.runs} runs")
         print(format_transfer_table(results))
     if args.kd:
         kd = kd_table(args.run, args.kd, runs=args.runs, settings=settings, progress=not args.no_progress)
@@ -150,7 +151,7 @@ def _krr_st_table(args) -> int:
     if args.json:
         from ddfast.artifacts import write_json_atomic
 
-        write_json_atomic(args.json, {"transfer": results, "arch": settings.arch, **({"kd": kd} if args.kd else {})})
+        write_json_atomic(args.json, {"transfer": results, "arch": settings.arch, "protocol": settings.protocol, **({"kd": kd} if args.kd else {})})
     return 0
 
 
@@ -254,6 +255,9 @@ def main(argv=None) -> int:
     kt.add_argument("--runs", type=int, default=3, help="pre-train + fine-tune runs per cell")
     kt.add_argument("--arch", default=None, help="network pre-trained and fine-tuned (convnet, resnet10, alexnet, ...)")
     kt.add_argument("--widths", type=int, nargs="+", default=None, help="ConvNet channels per block")
+    kt.add_argument("--protocol", default=None, choices=["finetune", "linear"],
+                    help="finetune (paper tables) or linear (frozen trunk + linear head, the method's meta-test)")
+    kt.add_argument("--linear-steps", type=int, default=None, help="steps of the linear head (protocol linear)")
     kt.add_argument("--pretrain-epochs", type=int, default=None)
     kt.add_argument("--finetune-steps", type=int, default=None)
     kt.add_argument("--target-train-size", type=int, default=None, help="labelled target examples used for fine-tuning")

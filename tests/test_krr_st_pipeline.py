@@ -55,6 +55,10 @@ def test_cli_table_runs_on_a_tiny_budget(target_dir, tmp_path, capsys):
     for row in table.values():
         mean, std = row["digits"]
         assert 0.0 <= mean <= 100.0
+    # the linear-evaluation protocol (frozen trunk + linear head)
+    assert main(["krr-st-table", out, "--runs", "1", "--widths", "8", "16", "--pretrain-epochs", "2",
+                 "--protocol", "linear", "--linear-steps", "5", "--json", js, "--no-progress"]) == 0
+    assert json.load(open(js))["protocol"] == "linear"
 
 
 def test_cli_kd_table_on_a_tiny_budget(target_dir, tmp_path, capsys):

@@ -307,3 +307,20 @@ def test_transfer_table_and_format(digits, source, settings):
     assert f"{mean:.2f}±{std:.2f}" in text
     with pytest.raises(ValueError, match="runs"):
         transfer_table({"a": lambda s: None}, {"digits": digits}, small, runs=0)
+
+
+def test_linear_eval_trains_only_a_head_on_frozen_features():
+    from ddfast.evaluate.transfer import linear_eval
+
+    ds = load_dataset("digits", image_size=16)
+    settings = TransferSettings(widths=(8, 16), pretrain_epochs=2, linear_steps=30, protocol="linear")
+    x = ds.train_x[:40]
+    pre = pretrain_regression(x, torch.randn(40, 6), settings, seed=0)
+    before = {k: v.clone() for k, v in pre.state_dict().items()}
+    acc = linear_eval(pre, ds, settings, seed=0)
+    assert 0.0 <= acc <= 100.0 and acc > 100.0 / ds.num_classes  # better than chance on digits
+    for k, v in pre.state_dict().items():  # the pre-trained network is not modified
+        assert torch.equal(v, before[k])
+    assert linear_eval(pre, ds, settings, seed=0) == acc  # deterministic
+    with pytest.raises(ValueError, match="protocol"):
+        TransferSettings(protocol="probe")

@@ -50,6 +50,8 @@ __all__ = [
     "load_pretrained_features",
     "finetune_model",
     "finetune",
+    "linear_eval",
+    "PROTOCOLS",
     "train_teacher",
     "kd_train_student",
     "kd_transfer",
@@ -69,6 +71,9 @@ DSA_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 # --------------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------------
+
+
+PROTOCOLS = ("finetune", "linear")
 
 
 @dataclass
@@ -96,6 +101,10 @@ class TransferSettings:
       with the fine-tuning recipe on the full target training set.
     * KD: ``kd_epochs`` (paper 1000), ``kd_batch`` 512, ``kd_lr`` 1e-4 (``kd_gaussian_lr`` 1e-3 for
       the Gaussian baseline), ``kd_wd`` 0 (AdamW).
+    * ``protocol``: ``"finetune"`` (the paper's tables) or ``"linear"`` (the method's code's meta-test,
+      ``linear_eval``: a linear head on the frozen trunk's eval-mode features of the whole target
+      training set, SGD ``linear_lr`` 0.2, momentum 0.9, no weight decay, cosine, ``linear_steps``
+      (code: 5000) batches of ``linear_batch`` 512).
     * ``eval_batch``: test-time batch of the eval-mode fine-tuning score (KD scores with batch
       statistics in batches of ``kd_batch``, as the official code).
     """
@@ -129,8 +138,14 @@ class TransferSettings:
     kd_gaussian_lr: float = 1e-3
     kd_wd: float = 0.0
     eval_batch: int = 1024
+    protocol: str = "finetune"
+    linear_steps: int = 1000
+    linear_batch: int = 512
+    linear_lr: float = 0.2
 
     def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {self.protocol!r}")
         _check_arch(self.arch, "arch")
         if self.teacher_arch is not None:
             _check_arch(self.teacher_arch, "teacher_arch")
@@ -515,6 +530,44 @@ def finetune(pretrained: nn.Module | None, target: ImageDataset, settings: Trans
     return accuracy(model, target.test_x.to(device), target.test_y.to(device), batch_size=settings.eval_batch)
 
 
+def linear_eval(pretrained: nn.Module | None, target: ImageDataset, settings: TransferSettings, seed: int = 0) -> float:
+    """Target test accuracy (%) of a linear head on the frozen trunk (the method's code's ``linear_eval``).
+
+    Features f_ω(x) of the whole target training set and test set are computed once in eval mode; a fresh
+    ``nn.Linear`` is trained with cross-entropy (SGD ``linear_lr``, momentum 0.9, no weight decay, cosine
+    over ``linear_steps`` shuffled batches of ``linear_batch``). ``pretrained=None`` probes a random trunk.
+    """
+    shape = _target_shape(target)
+    if pretrained is not None:
+        _check_compatible(pretrained, shape, f"target {target.name!r}")
+    device = next(pretrained.parameters()).device if pretrained is not None else torch.device("cpu")
+    model = _fresh_student(pretrained, shape, target.num_classes, settings, seed, device).eval()
+
+    def feats(x):
+        with torch.no_grad():
+            return torch.cat([model.features(x[i:i + settings.eval_batch].to(device))
+                              for i in range(0, x.shape[0], settings.eval_batch)])
+
+    f_tr, y_tr = feats(target.train_x), target.train_y.to(device)
+    f_te, y_te = feats(target.test_x), target.test_y.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(f_tr.shape[1], target.num_classes).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=settings.linear_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(settings.linear_steps, 1))
+    batches = _index_stream(f_tr.shape[0], settings.linear_batch, generator)
+    for _ in range(settings.linear_steps):
+        idx = next(batches).to(device)
+        loss = F.cross_entropy(head(f_tr[idx]), y_tr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        return float((head(f_te).argmax(1) == y_te).double().mean() * 100)
+
+
 # --------------------------------------------------------------------------------------------------
 # Target data-free knowledge distillation
 # --------------------------------------------------------------------------------------------------
@@ -637,7 +690,8 @@ def transfer_table(
     progress: bool = True,
     seed: int = 0,
 ) -> dict[str, dict[str, tuple[float, float]]]:
-    """Fine-tuning accuracy of every pre-training method on every target, mean ± std over ``runs``.
+    """Transfer accuracy (``settings.protocol``: fine-tuning or linear evaluation) of every pre-training
+    method on every target, mean ± std over ``runs``.
 
     ``pretrain_sets[name](seed)`` returns a pre-trained network (or None for "w/o pre"). Run r (seed
     ``seed + r``) pre-trains once per method and fine-tunes that network on every target, as the
@@ -660,7 +714,8 @@ def transfer_table(
                 for name, target in targets.items():
                     if bar is not None:
                         bar.set_postfix_str(f"run {r + 1}/{runs} {method} → {name}")
-                    scores[method][name].append(finetune(pretrained, target, settings, seed + r))
+                    score = linear_eval if settings.protocol == "linear" else finetune
+                    scores[method][name].append(score(pretrained, target, settings, seed + r))
                     if bar is not None:
                         bar.update(1)
     finally:

@@ -28,12 +28,13 @@ from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller, encode_in_chunks
 __all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "settings_for_run", "transfer_rows",
            "transfer", "kd_table"]
 
-# CPU-scale defaults per source data set (the paper's settings are KRRSTConfig's defaults, §4.1).
+# CPU-scale defaults per source data set (the paper's settings are KRRSTConfig's defaults, §4.1). With
+# 1000 meta-steps instead of the paper's 160,000 the AdamW learning rate is 10⁻² instead of 10⁻³.
 PRESETS = {
     "mnist": dict(image_size=28, targets=("mnist", "fashion-mnist", "digits"), m=100, steps=1000, batch_size=256,
-                  pool_steps=200, widths=(32, 64, 128)),
+                  pool_steps=200, widths=(32, 64, 128), lr=1e-2),
     "fashion-mnist": dict(image_size=28, targets=("fashion-mnist", "mnist", "digits"), m=100, steps=1000,
-                          batch_size=256, pool_steps=200, widths=(32, 64, 128)),
+                          batch_size=256, pool_steps=200, widths=(32, 64, 128), lr=1e-2),
     "digits": dict(image_size=16, targets=("digits",), m=50, steps=300, batch_size=256, pool_steps=100,
                    widths=(16, 32)),
 }
