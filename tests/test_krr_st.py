@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller, ModelPool, encode_in_chunks, outer_loss
+from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller, ModelPool, outer_loss
 from ddfast.models import ConvNet
+from ddfast.ssl import encode
 
 TINY = dict(m=12, steps=6, batch_size=40, pool_size=3, pool_steps=4, widths=(4, 8))
 
@@ -105,7 +106,7 @@ def test_init_uses_target_outputs_and_gaussian_ablation():
     x, g = _data(), _target()
     d = KRRSTDistiller(x, g, KRRSTConfig(**TINY))
     torch.testing.assert_close(d.images.detach(), x[d.init_indices])
-    torch.testing.assert_close(d.targets.detach(), encode_in_chunks(g, x[d.init_indices]).double())
+    torch.testing.assert_close(d.targets.detach(), encode(g, x[d.init_indices]).double())
     assert len(set(d.init_indices.tolist())) == TINY["m"]
     d2 = KRRSTDistiller(x, g, KRRSTConfig(**{**TINY, "init": "gaussian"}))
     assert not torch.allclose(d2.targets, d.targets)

@@ -30,8 +30,9 @@ from torch import nn
 from ddfast.artifacts import load_state, save_state
 from ddfast.models import build_model
 from ddfast.ops.ridge_solve import krr_predict
+from ddfast.ssl.barlow_twins import encode
 
-__all__ = ["KRRSTConfig", "KRRSTResult", "KRRSTDistiller", "ModelPool", "encode_in_chunks", "outer_loss"]
+__all__ = ["KRRSTConfig", "KRRSTResult", "KRRSTDistiller", "ModelPool", "outer_loss"]
 
 INITS = ("target", "gaussian")
 
@@ -98,14 +99,6 @@ class KRRSTResult:
     history: list[dict] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
-
-
-def encode_in_chunks(target: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """g_φ(x) without a graph, ``chunk`` rows at a time (eval mode for modules)."""
-    if isinstance(target, nn.Module):
-        target.eval()
-    with torch.no_grad():
-        return torch.cat([target(x[i:i + chunk]).float() for i in range(0, x.shape[0], chunk)])
 
 
 def outer_loss(features: nn.Module, x_syn, y_syn, x_real, y_real, *, lam: float = 1e-6, solve_dtype=None,
@@ -224,7 +217,7 @@ class KRRSTDistiller:
         if train_targets is None:
             if target is None:
                 raise ValueError("target: give the target model g_φ or its outputs train_targets")
-            train_targets = encode_in_chunks(target, x_train)
+            train_targets = encode(target, x_train)
         if train_targets.dim() != 2 or train_targets.shape[0] != n:
             raise ValueError(f"train_targets: expected g_φ(X_t) of shape [{n}, d_y], got {tuple(train_targets.shape)}")
         if not bool(torch.isfinite(train_targets).all()):

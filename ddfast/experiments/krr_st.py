@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 
 from ddfast.artifacts import _atomic_write, read_run, write_json_atomic
 from ddfast.data import load_dataset
-from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller, encode_in_chunks
+from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller
+from ddfast.evaluate.train import mean_std
+from ddfast.ssl.barlow_twins import encode
 
 __all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "settings_for_run", "transfer_rows",
            "transfer", "kd_table"]
@@ -83,7 +85,7 @@ def distill(dataset: str, target_dir: str, *, out: str | None = None, root: str 
     target = _load_target_model(target_dir)
     ds = load_source(dataset, image_size, root)
     _check_target_fits(target, ds, target_dir)
-    train_targets = encode_in_chunks(target, ds.train_x)
+    train_targets = encode(target, ds.train_x)
     krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets)
     if out:
         _write_meta(out, krr, dataset, target_dir, image_size, status="running")
@@ -135,7 +137,7 @@ def _plots(out, ds, result, train_targets, target):
     before = ds.unnormalize(ds.train_x[result.init_indices])
     plot_distilled_images(before, ds.unnormalize(result.images), os.path.join(out, "images.png"),
                           title=f"KRR-ST on {ds.name}: {result.images.shape[0]} images, {result.steps} steps")
-    plot_representation_pca(train_targets, encode_in_chunks(target, result.images), result.targets,
+    plot_representation_pca(train_targets, encode(target, result.images), result.targets,
                             os.path.join(out, "pca.png"), title=f"KRR-ST on {ds.name}: target space (PCA)")
 
 
@@ -185,9 +187,9 @@ def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str
     rows = {"w/o pre": PretrainSet(None, lambda seed: None),
             "Random": labelled(random_select(ds.train_x.shape[0], m, seed0 + 1))}
     if kmeans:
-        rows["K-means"] = labelled(kmeans_select(encode_in_chunks(target, ds.train_x), m, seed0))
+        rows["K-means"] = labelled(kmeans_select(encode(target, ds.train_x), m, seed0))
     x_init = ds.train_x[tensors["init_indices"]]
-    y_init = encode_in_chunks(target, x_init)
+    y_init = encode(target, x_init)
     rows["Random+g_φ"] = PretrainSet(x_init, lambda seed: pretrain_regression(x_init, y_init, settings, seed))
     rows["KRR-ST"] = PretrainSet(x_s, lambda seed: pretrain_regression(x_s, y_s, settings, seed))
     return rows
@@ -242,9 +244,5 @@ def kd_table(run_dir: str, target: str, *, runs: int = 3, settings=None, progres
             row = rows["w/o pre"] if name == "Gaussian" else rows[name]
             x = rows["KRR-ST"].images if name == "Gaussian" else row.images
             accs[name].append(kd_transfer(row(run), x, teacher, tds, settings, seed=run, gaussian=name == "Gaussian"))
-    return {k: {target: _mean_std(v)} for k, v in accs.items()}
+    return {k: {target: mean_std(v)} for k, v in accs.items()}
 
-
-def _mean_std(v):
-    t = torch.tensor(v, dtype=torch.float64)
-    return float(t.mean()), (float(t.std(unbiased=False)) if len(v) > 1 else 0.0)

@@ -196,15 +196,20 @@ class TargetModel(nn.Module):
         return self.encoder(x.float())
 
 
-def encode(target: TargetModel, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Representations ``Y = g_φ(x)`` ``[n, out_dim]`` (float32), computed without autograd in chunks."""
+def encode(target, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Representations ``Y = g_φ(x)`` ``[n, d_y]`` (float32) without autograd, ``batch_size`` rows at a time.
+
+    ``target`` is a :class:`TargetModel` or any module / callable mapping images to ``[k, d_y]`` (modules
+    are put in eval mode).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    target.eval()
+    if isinstance(target, nn.Module):
+        target.eval()
     with torch.no_grad():
         if x.shape[0] == 0:
             return torch.zeros(0, target.out_dim)
-        return torch.cat([target(x[s : s + batch_size]) for s in range(0, x.shape[0], batch_size)])
+        return torch.cat([target(x[s : s + batch_size]).float() for s in range(0, x.shape[0], batch_size)])
 
 
 # --------------------------------------------------------------------------------------------------
