@@ -4,11 +4,13 @@
 
 #include "cpu/ghost_products.h"
 #include "cpu/label_metagrad.h"
+#include "cpu/relu_max_pool2d.h"
 #include "cpu/ridge_solve.h"
 
 #ifdef DDFAST_WITH_CUDA
 #include "cuda/ghost_products.h"
 #include "cuda/label_metagrad.h"
+#include "cuda/relu_max_pool2d.h"
 #include "cuda/ridge_solve.h"
 
 namespace {
@@ -222,6 +224,64 @@ at::Tensor ghost_inner_fwd_cuda(const at::Tensor& A1_in, const at::Tensor& G1_in
   return out;
 }
 
+// f(tag) with tag float / double / uint16_t (bfloat16 bits, as the CUDA launchers take it).
+template <typename F>
+void dispatch_rmp_storage(at::ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(uint16_t{}); break;
+    default: TORCH_CHECK(false, name, ": expected float32, float64 or bfloat16, got ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_max_pool2d_fwd_cuda(const at::Tensor& x_in, int64_t stream) {
+  TORCH_CHECK(x_in.dim() == 4, "x: expected a 4-D tensor [N, C, H, W], got shape ", x_in.sizes());
+  TORCH_CHECK(x_in.is_cuda(), "x: expected a CUDA tensor, got device ", x_in.device());
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  TORCH_CHECK(H >= 2 && W >= 2, "x: expected H, W ≥ 2 for a 2×2 pool, got shape ", x_in.sizes());
+  const bool cl = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
+  at::Tensor out = at::empty({N, C, H / 2, W / 2}, x.options().memory_format(fmt));
+  at::Tensor code = at::empty({N, C, H / 2, W / 2}, x.options().dtype(at::kByte).memory_format(fmt));
+  int rc = 0;
+  dispatch_rmp_storage(x.scalar_type(), "x", [&](auto tag) {
+    using S = decltype(tag);
+    rc = ddfast::cuda::relu_max_pool2d_fwd_launch<S>(reinterpret_cast<const S*>(x.data_ptr()),
+                                                     reinterpret_cast<S*>(out.data_ptr()), code.data_ptr<uint8_t>(),
+                                                     N, C, H, W, cl, reinterpret_cast<cudaStream_t>(stream));
+  });
+  TORCH_CHECK(rc == 0, "relu_max_pool2d_fwd (CUDA): ", ddfast::cuda::relu_max_pool2d_error_string(rc));
+  return {out, code};
+}
+
+at::Tensor relu_max_pool2d_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& code_in, int64_t H, int64_t W,
+                                    bool channels_last, int64_t stream) {
+  TORCH_CHECK(code_in.dim() == 4 && code_in.scalar_type() == at::kByte && code_in.size(2) == H / 2 &&
+                  code_in.size(3) == W / 2,
+              "code: expected the uint8 [N, C, H/2, W/2] codes of relu_max_pool2d_fwd_cuda, got ",
+              code_in.scalar_type(), " of shape ", code_in.sizes());
+  TORCH_CHECK(grad_out.sizes() == code_in.sizes(), "grad_out: expected shape ", code_in.sizes(), ", got ",
+              grad_out.sizes());
+  check_cuda_operand(grad_out, "grad_out", grad_out);
+  TORCH_CHECK(code_in.device() == grad_out.device(), "code: expected device ", grad_out.device(), ", got ",
+              code_in.device());
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor g = grad_out.contiguous(fmt), code = code_in.contiguous(fmt);
+  const int64_t N = code.size(0), C = code.size(1);
+  at::Tensor gi = at::empty({N, C, H, W}, g.options().memory_format(fmt));
+  int rc = 0;
+  dispatch_rmp_storage(g.scalar_type(), "grad_out", [&](auto tag) {
+    using S = decltype(tag);
+    rc = ddfast::cuda::relu_max_pool2d_bwd_launch<S>(reinterpret_cast<const S*>(g.data_ptr()),
+                                                     code.data_ptr<uint8_t>(), reinterpret_cast<S*>(gi.data_ptr()),
+                                                     N, C, H, W, channels_last, reinterpret_cast<cudaStream_t>(stream));
+  });
+  TORCH_CHECK(rc == 0, "relu_max_pool2d_bwd (CUDA): ", ddfast::cuda::relu_max_pool2d_error_string(rc));
+  return gi;
+}
+
 }  // namespace
 #endif
 
@@ -249,6 +309,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("A2"), py::arg("G2"), py::arg("ghost"));
   m.def("cholesky_solve", &ddfast::cpu::cholesky_solve, "(LLᵀ)⁻¹R with a saved factor (CPU)",
         py::arg("R"), py::arg("L"));
+  m.def("relu_max_pool2d_fwd", &ddfast::cpu::relu_max_pool2d_fwd,
+        "(out, code): out = 2×2 max-pool of relu(x), code = window position of the gradient (CPU)", py::arg("x"));
+  m.def("relu_max_pool2d_bwd", &ddfast::cpu::relu_max_pool2d_bwd,
+        "grad_in: grad_out scattered to the coded window positions (CPU)", py::arg("grad_out"), py::arg("code"),
+        py::arg("H"), py::arg("W"), py::arg("channels_last"));
 #ifdef DDFAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("ridge_solve_fwd_cuda", &ridge_solve_fwd_cuda);
@@ -265,6 +330,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stream"));
   m.def("ghost_inner_fwd_cuda", &ghost_inner_fwd_cuda, py::arg("A1"), py::arg("G1"), py::arg("A2"), py::arg("G2"),
         py::arg("ghost"), py::arg("stream"));
+  m.def("relu_max_pool2d_fwd_cuda", &relu_max_pool2d_fwd_cuda, py::arg("x"), py::arg("stream"));
+  m.def("relu_max_pool2d_bwd_cuda", &relu_max_pool2d_bwd_cuda, py::arg("grad_out"), py::arg("code"), py::arg("H"),
+        py::arg("W"), py::arg("channels_last"), py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -19,6 +19,11 @@ def report() -> str:
     ]
     for name, st in backends().items():
         lines.append(f"{name:<10} {'yes' if st['available'] else 'no':<7} {st['reason']}")
+    from ddfast.ops.relu_max_pool2d import relu_max_pool2d_backends
+
+    rmp = relu_max_pool2d_backends("cpu", torch.float32)
+    lines += ["", f"relu_max_pool2d on CPU float32 tensors: backend='auto' takes {rmp.pop('auto')!r}"]
+    lines += [f"  {name:<10} {'; '.join(why) if why else 'fits'}" for name, why in rmp.items()]
     return "\n".join(lines)
 
 

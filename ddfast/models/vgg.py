@@ -1,14 +1,17 @@
 """VGG-11 with batch norm for small images (krr-st-selfsup §4.1, architecture transfer).
 
 Eight ``Conv3×3(pad 1) → norm → ReLU`` layers with channels w, 2w, 4w, 4w, 8w, 8w, 8w, 8w (w = 64 is
-the standard network) and a 2×2 max-pool after layers 1, 2, 4, 6 and 8. A pool is left out once the
-feature map is down to 1×1, so 8×8, 16×16 and 28×28 inputs work as well as 32×32; the features are
+the standard network) and a 2×2 max-pool after layers 1, 2, 4, 6 and 8 (its ReLU and the pool run as
+one fused op, :class:`ddfast.ops.relu_max_pool2d.ReluMaxPool2d`). A pool is left out once the feature
+map is down to 1×1, so 8×8, 16×16 and 28×28 inputs work as well as 32×32; the features are
 the flattened last map (``8w · side²``; 8w for every input of 32 px or fewer).
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from ddfast.ops.relu_max_pool2d import ReluMaxPool2d
 
 VGG11_LAYOUT = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")  # channels in units of w; "M" = max-pool
 
@@ -33,7 +36,9 @@ class VGG11(nn.Module):
         for item in VGG11_LAYOUT:
             if item == "M":
                 if side >= 2:
-                    layers.append(nn.MaxPool2d(2))
+                    # ReLU → MaxPool2d(2) fused (identical values and gradients); the Identity keeps the
+                    # layer indices, hence the state_dict keys, of the unfused layout.
+                    layers[-1:] = [ReluMaxPool2d(), nn.Identity()]  # layers[-1] is the block's nn.ReLU
                     side //= 2
                 continue
             cout = item * width

@@ -11,6 +11,7 @@ from ddfast.ops.ghost_products import (
     per_example_grad_inner,
     per_example_grad_norms,
 )
+from ddfast.ops.relu_max_pool2d import ReluMaxPool2d, relu_max_pool2d
 from ddfast.ops.ridge_solve import krr_predict, ridge_weights
 
 __all__ = [
@@ -26,4 +27,6 @@ __all__ = [
     "layer_weight_matrix",
     "per_example_grad_inner",
     "per_example_grad_norms",
+    "relu_max_pool2d",
+    "ReluMaxPool2d",
 ]

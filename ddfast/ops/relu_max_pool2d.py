@@ -1,0 +1,313 @@
+"""Fused ReLU + 2×2 max-pool: ``relu_max_pool2d(x) = F.max_pool2d(F.relu(x), 2)``.
+
+    out[n, c, i, j] = max_{(a, b) ∈ {0,1}²} relu(x[n, c, 2i + a, 2j + b])      i < ⌊H/2⌋, j < ⌊W/2⌋
+
+The forward reads x once and writes ``out`` and a uint8 window code per output: the position
+k = 2a + b (row-major) of the first maximum when it is > 0 (the last NaN when there is one), or
+``NO_GRAD`` when the maximum is 0. The backward scatters ``grad_out`` to the coded positions:
+
+    ∂L/∂x[n, c, 2i + a, 2j + b] = ∂L/∂out[n, c, i, j]  if code[n, c, i, j] = 2a + b,  else 0
+
+which is the gradient of the composition exactly (values, NaN handling, signed zeros), with a uint8
+code saved in place of relu(x) and int64 indices. Forward values and gradients are identical to the
+PyTorch composition in float32, float64 and bfloat16 (a selection: no rounding).
+
+Autograd: first and higher derivatives (the backward is linear in ``grad_out``; its own derivative is
+the selection of the coded positions, plain torch), forward mode (``torch.func.jvp``) and
+``torch.func.vmap``. The derivative w.r.t. ``x`` of the backward is zero almost everywhere; it is
+left out of the graph (``x`` is not reached by a second backward).
+Used by LeNet (label-distillation §4.1: conv–ReLU–pool twice) and VGG11's ReLU → 2×2 max-pool pairs.
+Equivalent PyTorch: :func:`ddfast.reference.relu_max_pool2d.relu_max_pool2d_ref`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ddfast import dispatch as _backends
+from ddfast.reference.relu_max_pool2d import relu_max_pool2d_ref
+
+__all__ = [
+    "NO_GRAD",
+    "ReluMaxPool2d",
+    "ReluMaxPool2dBackward",
+    "ReluMaxPool2dFunction",
+    "relu_max_pool2d",
+    "relu_max_pool2d_backends",
+    "window_select",
+]
+
+#: Window code of an output whose gradient goes nowhere (its window's maximum is 0).
+NO_GRAD = 4
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """The layout the kernels run in (and give outputs in): channels_last when x is and is not contiguous."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class _CpuKernels:
+    name = "cpu"
+
+    @staticmethod
+    def not_supported_reasons(device, dtype):
+        ext, why = _backends._load_extension()
+        reasons = [why] if ext is None else []
+        if ext is not None and not hasattr(ext, "relu_max_pool2d_fwd"):
+            reasons.append(f"ddfast._C predates relu_max_pool2d; {_backends.BUILD_HINT}")
+        if device.type != "cpu":
+            reasons.append(f"inputs are on {device}, the C++ CPU kernel takes CPU tensors")
+        if dtype not in _KERNEL_DTYPES:
+            reasons.append(f"dtype {dtype} not supported (float32/float64/bfloat16 only)")
+        return reasons
+
+    @staticmethod
+    def fwd(x):
+        return _backends.extension().relu_max_pool2d_fwd(x)
+
+    @staticmethod
+    def bwd(grad_out, code, H, W, channels_last):
+        return _backends.extension().relu_max_pool2d_bwd(grad_out, code, H, W, channels_last)
+
+
+class _TritonKernels:
+    name = "triton"
+
+    @staticmethod
+    def _module():
+        from ddfast.kernels import relu_max_pool2d as mod
+
+        return mod
+
+    @classmethod
+    def not_supported_reasons(cls, device, dtype):
+        ok, why = _backends._triton_status()
+        if not ok:
+            return [why]
+        try:
+            mod = cls._module()
+        except ImportError as exc:  # pragma: no cover - partial installs
+            return [f"ddfast.kernels.relu_max_pool2d not importable: {exc}"]
+        return list(mod.not_supported_reasons(torch.empty((1, 1, 2, 2), dtype=dtype, device=device)))
+
+    @classmethod
+    def fwd(cls, x):
+        return cls._module().relu_max_pool2d_fwd(x)
+
+    @classmethod
+    def bwd(cls, grad_out, code, H, W, channels_last):
+        return cls._module().relu_max_pool2d_bwd(grad_out, code, H, W, channels_last)
+
+
+class _CudaKernels:
+    name = "cuda"
+
+    @staticmethod
+    def not_supported_reasons(device, dtype):
+        ext, why = _backends._load_extension()
+        if ext is None:
+            return [why]
+        reasons = []
+        if not getattr(ext, "with_cuda", False):
+            reasons.append("ddfast._C was built without CUDA (DDFAST_CUDA=1)")
+        elif not hasattr(ext, "relu_max_pool2d_fwd_cuda"):
+            reasons.append(f"ddfast._C predates relu_max_pool2d; {_backends.BUILD_HINT}")
+        if device.type != "cuda":
+            reasons.append("inputs are not CUDA tensors")
+        if dtype not in _KERNEL_DTYPES:
+            reasons.append(f"dtype {dtype} not supported (float32/float64/bfloat16 only)")
+        return reasons
+
+    @staticmethod
+    def _stream(t):
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    @classmethod
+    def fwd(cls, x):
+        return _backends.extension().relu_max_pool2d_fwd_cuda(x, cls._stream(x))
+
+    @classmethod
+    def bwd(cls, grad_out, code, H, W, channels_last):
+        return _backends.extension().relu_max_pool2d_bwd_cuda(grad_out, code, H, W, channels_last,
+                                                              cls._stream(grad_out))
+
+
+_KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
+_SELECT_CACHE: dict = {}
+
+
+def _candidates(device, dtype):
+    candidates = {n: (lambda k=k: k.not_supported_reasons(device, dtype)) for n, k in _KERNELS.items()}
+    candidates["reference"] = lambda: []
+    return candidates
+
+
+def _select(backend, device, dtype):
+    key = (backend, os.environ.get("DDFAST_BACKEND"), device, dtype)
+    name = _SELECT_CACHE.get(key)
+    if name is None:
+        name = _backends.select(backend, _candidates(device, dtype), "relu_max_pool2d", on_gpu=device.type == "cuda")
+        _SELECT_CACHE[key] = name
+    return name
+
+
+def relu_max_pool2d_backends(device="cpu", dtype=torch.float32) -> dict:
+    """``{backend: reasons it cannot run}`` for inputs on ``device`` of ``dtype`` ([] = it can), and
+    ``"auto"``: the backend ``backend="auto"`` picks (shown by ``python -m ddfast.info``)."""
+    device = torch.device(device)
+    report = {n: list(f()) for n, f in _candidates(device, dtype).items()}
+    report["auto"] = _backends.select("auto", _candidates(device, dtype), "relu_max_pool2d",
+                                      on_gpu=device.type == "cuda")
+    return report
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def window_select(t: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """``t[..., 2i + a, 2j + b]`` at the coded position ``2a + b`` of each window, 0 where the code is
+    ``NO_GRAD``: ``[..., OH, OW]`` for ``t [..., H, W]`` and ``code [..., OH, OW]`` (plain torch,
+    differentiable). The transpose of the backward's scatter, and the forward-mode derivative."""
+    OH, OW = code.shape[-2:]
+    w = t[..., : 2 * OH, : 2 * OW].unflatten(-1, (OW, 2)).unflatten(-3, (OH, 2))  # [..., OH, 2, OW, 2]
+    w = w.transpose(-3, -2).flatten(-2)  # [..., OH, OW, 4], position 2a + b
+    picked = w.gather(-1, code.long().clamp(max=3).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(code == NO_GRAD, 0)
+
+
+def _batch_first(t, bdim, size):
+    return t.unsqueeze(0).expand(size, *t.shape) if bdim is None else t.movedim(bdim, 0)
+
+
+class ReluMaxPool2dFunction(torch.autograd.Function):
+    """``(out, code)`` = fused ReLU + 2×2 max-pool of ``x [N, C, H, W]`` (``code`` not differentiable).
+
+    Backward: ``∂x = scatter(∂out)`` to the coded window positions (:class:`ReluMaxPool2dBackward`,
+    itself differentiable); forward mode: ``out_t = window_select(x_t, code)``.
+    """
+
+    @staticmethod
+    def forward(x, kernels):
+        return kernels.fwd(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernels = inputs
+        code = output[1]
+        ctx.mark_non_differentiable(code)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(code)
+        ctx.save_for_forward(code)
+        ctx.kernels = kernels
+        ctx.geometry = (x.shape[-2], x.shape[-1], _is_channels_last(x))
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_code):
+        if grad_out is None or not ctx.needs_input_grad[0]:
+            return None, None
+        (code,) = ctx.saved_tensors
+        return ReluMaxPool2dBackward.apply(grad_out, code, ctx.kernels, *ctx.geometry), None
+
+    @staticmethod
+    def jvp(ctx, x_t, _kernels_t):
+        (code,) = ctx.saved_tensors
+        return window_select(x_t, code), None
+
+    @staticmethod
+    def vmap(info, in_dims, x, kernels):
+        B = info.batch_size
+        out, code = ReluMaxPool2dFunction.apply(_batch_first(x, in_dims[0], B).flatten(0, 1), kernels)
+        return (out.unflatten(0, (B, -1)), code.unflatten(0, (B, -1))), (0, 0)
+
+
+class ReluMaxPool2dBackward(torch.autograd.Function):
+    """``grad_in [N, C, H, W]`` = ``grad_out`` scattered to the coded window positions (linear in
+    ``grad_out``); its backward is :func:`window_select` of the incoming gradient."""
+
+    @staticmethod
+    def forward(grad_out, code, kernels, H, W, channels_last):
+        return kernels.bwd(grad_out, code, H, W, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        code = inputs[1]
+        ctx.save_for_backward(code)
+        ctx.save_for_forward(code)
+        ctx.kernels, ctx.geometry = inputs[2], inputs[3:]
+
+    @staticmethod
+    def backward(ctx, gg):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        (code,) = ctx.saved_tensors
+        return window_select(gg, code), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, g_t, *_):
+        (code,) = ctx.saved_tensors
+        return ctx.kernels.bwd(g_t, code, *ctx.geometry)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, code, kernels, H, W, channels_last):
+        B = info.batch_size
+        g = _batch_first(grad_out, in_dims[0], B).flatten(0, 1)
+        k = _batch_first(code, in_dims[1], B).flatten(0, 1)
+        return ReluMaxPool2dBackward.apply(g, k, kernels, H, W, channels_last).unflatten(0, (B, -1)), 0
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor of shape [N, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor of shape [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"x: expected H, W ≥ 2 for a 2×2 pool, got shape {tuple(x.shape)}")
+
+
+@torch.compiler.disable  # pybind kernels: under torch.compile the op runs eagerly between graphs
+def relu_max_pool2d(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """ReLU then 2×2 max-pool with stride 2 (floor for odd H / W), fused.
+
+    Args:
+        x: ``[N, C, H, W]``, H, W ≥ 2, a floating-point tensor (kernels: float32, float64, bfloat16;
+            other dtypes take the reference), contiguous, channels_last or any strides.
+        backend: ``"auto" | "fused" | "cpu" | "triton" | "cuda" | "reference"``; ``auto`` takes the
+            C++ kernel for CPU tensors when ``ddfast._C`` is built, else the reference
+            (``python -m ddfast.info`` says why).
+    Shape: ``[N, C, ⌊H/2⌋, ⌊W/2⌋]``, channels_last when ``x`` is, else contiguous.
+    Returns: ``max_{a,b ∈ {0,1}} relu(x[n, c, 2i+a, 2j+b])``, with the gradient of the composition
+        exactly (to the first maximum in row-major window order when it is > 0, else nowhere).
+    Equivalent PyTorch: ``ddfast.reference.relu_max_pool2d.relu_max_pool2d_ref`` =
+        ``F.max_pool2d(F.relu(x), 2)``.
+    """
+    _check_input(x)
+    name = _select(backend, x.device, x.dtype)
+    if name == "reference":
+        return relu_max_pool2d_ref(x)
+    return ReluMaxPool2dFunction.apply(x, _KERNELS[name])[0]
+
+
+class ReluMaxPool2d(nn.Module):
+    """``nn.ReLU()`` followed by ``nn.MaxPool2d(2)``, fused (:func:`relu_max_pool2d`); no parameters."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu_max_pool2d(x, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return "" if self.backend == "auto" else f"backend={self.backend!r}"
