@@ -90,12 +90,13 @@ def _distill_ld(args) -> int:
     from ddfast.experiments.ld import distill
 
     overrides = dict(model=args.model, epochs=args.epochs, outer_batch=args.outer_batch, inner_batch=args.inner_batch,
-                     val_every=args.val_every, image_size=args.image_size)
+                     val_every=args.val_every, image_size=args.image_size, **_pass_overrides(args))
     for n in args.base_examples:
         out = args.out if len(args.base_examples) == 1 else f"{args.out}-{n}"
         ld, result, _ = distill(args.dataset, n, args.variant, out=out, resume=args.resume, source=args.source,
                                 root=args.root, source_root=args.source_root, backend=args.backend, seed=args.seed,
-                                progress=not args.no_progress, **overrides)
+                                progress=not args.no_progress, process_group=getattr(args, "process_group", None),
+                                **overrides)
         print(f"{out}: {n} base examples, {args.variant}: best val accuracy {result.val_accuracy:.2f}%, "
               f"T = {result.steps_to_overfit} steps, {result.iterations} iterations, {result.resets} resets, "
               f"{result.seconds:.0f} s")
@@ -112,10 +113,11 @@ def _distill_krr_st(args) -> int:
 
     overrides = dict(m=args.m, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size,
                      pool_steps=args.pool_steps, widths=tuple(args.widths) if args.widths else None, init=args.init,
-                     backend=args.backend, seed=args.seed, solve_dtype=args.solve_dtype)
+                     backend=args.backend, seed=args.seed, solve_dtype=args.solve_dtype, **_pass_overrides(args))
     krr, result, _ = distill(args.dataset, args.target, out=args.out, root=args.root, image_size=args.image_size,
                              resume=args.resume, progress=not args.no_progress,
-                             checkpoint_every=args.checkpoint_every, **overrides)
+                             checkpoint_every=args.checkpoint_every, process_group=getattr(args, "process_group", None),
+                             **overrides)
     losses = [h["loss"] for h in result.history]
     k = max(1, min(50, len(losses) // 10))
     print(f"{args.out}: KRR-ST m={krr.config.m}, {result.steps} steps, outer loss {sum(losses[:k]) / k:.4g} → "
@@ -233,12 +235,14 @@ def _distill_ead(args) -> int:
 
     overrides = dict(iterations=args.iterations, t_m=args.t_m, syn_batch=args.syn_batch, probe_batch=args.probe_batch,
                      real_batch=args.real_batch, lr_images=args.lr_images, lr_labels=args.lr_labels,
-                     objective=args.objective, time_weights=args.time_weights, backend=args.backend, seed=args.seed)
+                     objective=args.objective, time_weights=args.time_weights, backend=args.backend, seed=args.seed,
+                     **_pass_overrides(args))
     if args.fixed_labels:
         overrides["learn_labels"] = False
     ead, result, data = distill(args.dataset, args.ipc, out=args.out, trajectory=args.trajectory, root=args.root,
                                 resume=args.resume, progress=not args.no_progress,
-                                checkpoint_every=args.checkpoint_every, **overrides)
+                                checkpoint_every=args.checkpoint_every,
+                                process_group=getattr(args, "process_group", None), **overrides)
     losses = [h["loss"] for h in result.history]
     k = max(1, min(25, len(losses) // 10))
     print(f"{args.out}: EAD ipc={ead.config.ipc} ({result.images.shape[0]} images), objective {ead.config.objective} "
@@ -273,6 +277,33 @@ def _ead_table(args) -> int:
     return 0
 
 
+def _bench_e2e(args) -> int:
+    import json
+
+    import torch
+
+    from ddfast.benchmarks.e2e import format_table, run_table
+
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}; median seconds per meta-step, "
+          "speed-up over reference-fp32 in the same run")
+    rows = run_table(args.workloads, args.modes, reps=args.reps, memory=not args.no_memory)
+    table = format_table(rows)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _e2e_parity(args) -> int:
+    from ddfast.experiments.e2e_parity import format_parity, parity
+
+    rows = parity(args.studies, args.modes, out=args.out, target_dir=args.target, seed=args.seed,
+                  ld_epochs={"digits": args.ld_epochs_digits, "mnist": args.ld_epochs_mnist}, krr_steps=args.krr_steps)
+    print(format_parity(rows))
+    return 0
+
+
 def _bench_checkpoint_grad_inner(args) -> int:
     import torch
     from torch.utils import benchmark
@@ -295,6 +326,30 @@ def _bench_checkpoint_grad_inner(args) -> int:
             mems[provider] = peak_memory_bytes(fn) / 2**20
             print(f"{case.name:<22}{provider:<11}{times[provider] * 1e3:>10.1f}{mems[provider]:>10.1f}"
                   f"{times['reference'] / times[provider]:>9.2f}{mems[provider] / mems['reference']:>10.2f}")
+    return 0
+
+
+def _bench_relu_max_pool2d(args) -> int:
+    import torch
+    from torch.utils import benchmark
+
+    from ddfast.benchmarks.relu_max_pool2d import CASES, MODEL_CASES, MODES, PROVIDERS, make_fn, peak_memory_bytes
+
+    print(f"relu_max_pool2d vs F.max_pool2d(F.relu(x), 2), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    header = f"{'case':<30}{'mode':<9}{'provider':<11}{'median ms':>10}{'peak MiB':>10}{'ref/prov':>9}{'mem ratio':>10}"
+    print(header)
+    print("-" * len(header))
+    for case in CASES + ([] if args.quick else MODEL_CASES):
+        for mode in MODES:
+            times, mems = {}, {}
+            for provider in PROVIDERS:
+                fn = make_fn(case, provider, mode)
+                fn()
+                timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                times[provider] = timer.blocked_autorange(min_run_time=args.min_time).median
+                mems[provider] = peak_memory_bytes(fn) / 2**20
+                print(f"{case.name:<30}{mode:<9}{provider:<11}{times[provider] * 1e3:>10.3f}{mems[provider]:>10.1f}"
+                      f"{times['reference'] / times[provider]:>9.2f}{mems[provider] / max(mems['reference'], 1e-9):>10.2f}")
     return 0
 
 
@@ -321,6 +376,41 @@ def _dcs(args) -> int:
         print(format_dcs(result))
         print(f"scatter plot: {os.path.join(args.out, f'dcs-{args.dataset}-{loss}.png')}")
     return 0
+
+
+def _distributed_run(handler, args) -> int:
+    """``distill ... --distributed`` under torchrun: ``handler`` on every rank with the default process
+    group (gloo on CPU, NCCL with CUDA); only rank 0 prints, writes the run directory and evaluates."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from ddfast.distributed import init_from_env
+
+    args.process_group = init_from_env()
+    main_rank = dist.get_rank() == 0
+    if not main_rank:
+        args.evaluate, args.no_progress = 0, True
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if main_rank else devnull):
+            return handler(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _add_pass_options(p):
+    """--precision / --channels-last / --compile of the network passes (ddfast.network_passes)."""
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="network passes in float32 or under bf16 autocast (data, labels, solves stay float32); "
+                        "default: the data set's preset")
+    p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
+                   help="conv nets and images in NHWC (default: the preset)")
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network; the first steps compile (default: off)")
+
+
+def _pass_overrides(args) -> dict:
+    return dict(precision=args.precision, channels_last=args.channels_last, compile=args.compile)
 
 
 def _add_distill_options(p, *, single=True):
@@ -357,6 +447,8 @@ def main(argv=None) -> int:
     ld.add_argument("--out", required=True, help="run directory (artifacts, checkpoint)")
     ld.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     ld.add_argument("--evaluate", type=int, default=0, metavar="K", help="then test K fresh models")
+    _add_pass_options(ld)
+    ld.add_argument("--distributed", action="store_true", help="one rank of `torchrun --nproc-per-node R`")
     krr = distill_sub.add_parser("krr-st", help="KRR-ST self-supervised distillation (krr-st-selfsup Algorithm 1)")
     krr.add_argument("--dataset", default="mnist", help="unlabeled source data set (mnist, fashion-mnist, digits, cifar100, ...)")
     krr.add_argument("--root", default=None, help="folder with the data set's files")
@@ -377,6 +469,8 @@ def main(argv=None) -> int:
     krr.add_argument("--seed", type=int, default=0)
     krr.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     krr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_pass_options(krr)
+    krr.add_argument("--distributed", action="store_true", help="one rank of `torchrun --nproc-per-node R`")
     kt = sub.add_parser("krr-st-table", help="KRR-ST transfer (and data-free KD) table against w/o pre, Random, K-means")
     kt.add_argument("run", help="a KRR-ST run directory")
     kt.add_argument("--targets", nargs="+", default=None, help="labelled target data sets (default: per source)")
@@ -472,6 +566,8 @@ def main(argv=None) -> int:
     ead.add_argument("--seed", type=int, default=0)
     ead.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     ead.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_pass_options(ead)
+    ead.add_argument("--distributed", action="store_true", help="one rank of `torchrun --nproc-per-node R`")
     et = sub.add_parser("ead-table", help="EAD vs random real subsets (hard / soft labels) at several IPC")
     et.add_argument("--dataset", default="digits")
     et.add_argument("--root", default=None)
@@ -509,7 +605,32 @@ def main(argv=None) -> int:
     cgi = bench_sub.add_parser("checkpoint-grad-inner", help="EAD loss + S-gradient: fused vs double backward")
     cgi.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per cell")
     cgi.add_argument("--quick", action="store_true", help="skip t_m = 10")
+    rmp = bench_sub.add_parser("relu-max-pool2d", help="fused ReLU + 2×2 max-pool vs the PyTorch composition")
+    rmp.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per cell")
+    rmp.add_argument("--quick", action="store_true", help="skip the LeNet forward + backward")
+    from ddfast.benchmarks.e2e import MODES as E2E_MODES, WORKLOADS as E2E_WORKLOADS
+
+    e2e = bench_sub.add_parser("e2e", help="distiller meta-steps (LD, KRR-ST, EAD) in fp32/bf16/compile modes")
+    e2e.add_argument("--workloads", nargs="+", default=list(E2E_WORKLOADS), choices=E2E_WORKLOADS)
+    e2e.add_argument("--modes", nargs="+", default=list(E2E_MODES), choices=E2E_MODES)
+    e2e.add_argument("--reps", type=int, default=10, help="timed steps per cell (a third for m=1000)")
+    e2e.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    e2e.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    from ddfast.experiments.e2e_parity import STUDIES as PARITY_STUDIES
+
+    par = sub.add_parser("e2e-parity", help="accuracy of short distillations in each network-pass mode")
+    par.add_argument("--out", required=True, help="folder for the runs and parity.json (re-running resumes)")
+    par.add_argument("--studies", nargs="+", default=list(PARITY_STUDIES), choices=PARITY_STUDIES)
+    par.add_argument("--modes", nargs="+", default=list(E2E_MODES), choices=E2E_MODES)
+    par.add_argument("--target", default=None, help="KRR-ST target model folder (ddfast ssl)")
+    par.add_argument("--ld-epochs-digits", type=int, default=300)
+    par.add_argument("--ld-epochs-mnist", type=int, default=5)
+    par.add_argument("--krr-steps", type=int, default=300)
+    par.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "distill" and args.distributed:
+        handler = {"ld": _distill_ld, "krr-st": _distill_krr_st, "ead": _distill_ead}[args.method]
+        return _distributed_run(handler, args)
     if args.command == "bench" and args.op == "krr-st":
         return _bench_krr_st(args)
     if args.command == "bench" and args.op == "label-metagrad":
@@ -522,8 +643,14 @@ def main(argv=None) -> int:
         return _softlabel_table(args)
     if args.command == "ead-table":
         return _ead_table(args)
+    if args.command == "e2e-parity":
+        return _e2e_parity(args)
+    if args.command == "bench" and args.op == "e2e":
+        return _bench_e2e(args)
     if args.command == "bench" and args.op == "checkpoint-grad-inner":
         return _bench_checkpoint_grad_inner(args)
+    if args.command == "bench" and args.op == "relu-max-pool2d":
+        return _bench_relu_max_pool2d(args)
     if args.command == "distill" and args.method == "krr-st":
         return _distill_krr_st(args)
     if args.command == "ssl":

@@ -32,6 +32,8 @@ from torch import nn
 
 from ddfast.artifacts import load_state, save_state
 from ddfast.data.datasets import balanced_subset
+from ddfast.distributed import DistContext, optimizer_state_tensors, shard
+from ddfast.network_passes import PassOptions, check_pass_options, prepare_images, prepare_model
 from ddfast.ops.checkpoint_grad_inner import checkpoint_grad_inner, effect_alignment_loss, replacement_alpha
 
 __all__ = ["EADConfig", "EADResult", "EffectAlignmentDistiller", "OBJECTIVES"]
@@ -59,6 +61,10 @@ class EADConfig:
     chunk: int | None = None
     backend: str = "auto"
     seed: int = 0
+    precision: str = "fp32"  # network passes: "fp32" or "bf16" autocast (ddfast.network_passes)
+    channels_last: bool = False  # the network, its checkpoints and the images in NHWC
+    compile: bool = False  # not supported: the op differentiates the network twice (clear error)
+    cache_checkpoints: bool = True  # keep loaded trajectory checkpoints in memory (they never change)
 
 
 @dataclass
@@ -88,9 +94,14 @@ class EffectAlignmentDistiller:
         train: the real training set ``(x [N, c, h, w], y [N] int64)``.
         config: :class:`EADConfig`.
         num_classes: C (default: the trajectory's).
+        process_group: a ``torch.distributed`` group to distil on R ranks, or None (one process). S, its
+            optimizers and the RNG are replicated; the t_m checkpoints drawn (identically) each iteration
+            are shared out over the ranks, and when t_m < R the ranks on one checkpoint split D_t and S_t
+            (the probe gradient v_t is needed whole, so P is not split). The scalar sums of eq. 7 are
+            all-reduced before |·|, then the S-gradients (:mod:`ddfast.distributed`).
     """
 
-    def __init__(self, trajectory, train, config: EADConfig | None = None):
+    def __init__(self, trajectory, train, config: EADConfig | None = None, *, process_group=None):
         self.config = cfg = config or EADConfig()
         x, y = train
         _check_images("train x", x)
@@ -103,6 +114,11 @@ class EffectAlignmentDistiller:
         for name in ("ipc", "iterations", "t_m", "probe_batch", "real_batch"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)!r}")
+        check_pass_options(cfg.precision, cfg.channels_last, cfg.compile)
+        if cfg.compile:
+            raise ValueError("compile: EAD differentiates the network twice per checkpoint (double backward or "
+                             "forward-mode JVP of ⟨v_t, ∇L(S)⟩), which torch.compile's AOTAutograd does not support; "
+                             "use compile=False")
         if len(trajectory) == 0:
             raise ValueError("trajectory: it has no checkpoints")
         if cfg.t_m > len(trajectory):
@@ -116,11 +132,17 @@ class EffectAlignmentDistiller:
             raise ValueError(f"train y: class indices must lie in [0, {self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
         if hasattr(trajectory, "check_data"):
             trajectory.check_data(x.float(), y)  # the hash is taken over the float32 tensors
+        self.passes = PassOptions.of(cfg)
+        prepare_model(self.model, self.passes)
+        x = prepare_images(x, self.passes)  # converted once: the real set never changes
+        self._checkpoint_cache: dict[int, dict] = {}
         self.x, self.y = x, y
+        self.dist = DistContext(process_group)
+        self._dist_synced = False
         self.generator = torch.Generator().manual_seed(cfg.seed)
         # Initialisation: ipc class-balanced real images, soft labels from the final checkpoint.
         self.init_indices = balanced_subset(y, cfg.ipc, seed=cfg.seed, num_classes=self.num_classes)
-        self.images = x[self.init_indices].clone().requires_grad_(True)
+        self.images = prepare_images(x[self.init_indices].clone(), self.passes).requires_grad_(True)
         with torch.no_grad():
             self.load_checkpoint(self.model, trajectory.final())
             labels = self.model(self.images.detach())
@@ -141,6 +163,16 @@ class EffectAlignmentDistiller:
     def load_checkpoint(model: nn.Module, state) -> None:
         model.load_state_dict(dict(state))
 
+    def checkpoint(self, t: int) -> dict:
+        """θ_t in the passes' memory format; cached in memory with ``cache_checkpoints`` (read once)."""
+        state = self._checkpoint_cache.get(t)
+        if state is None:
+            state = {k: prepare_images(v, self.passes) if v.is_floating_point() else v
+                     for k, v in self.trajectory.load(t).items()}
+            if self.config.cache_checkpoints:
+                self._checkpoint_cache[t] = state
+        return state
+
     # ------------------------------------------------------------------ one iteration
 
     def _randperm(self, n, k):
@@ -149,6 +181,7 @@ class EffectAlignmentDistiller:
     def step(self) -> dict:
         """One iteration of Algorithm 1; returns ``{"loss", "inner_real", "inner_syn"}``."""
         cfg = self.config
+        self._dist_start()
         n_syn, n = self.images.shape[0], self.x.shape[0]
         s_idx = self._randperm(n_syn, self.syn_batch) if self.syn_batch < n_syn else None
         p_idx, d_idx = self._randperm(n, cfg.probe_batch), self._randperm(n, cfg.real_batch)
@@ -156,16 +189,24 @@ class EffectAlignmentDistiller:
         ts = [int(t) for t in ts]
         images = self.images if s_idx is None else self.images[s_idx]
         labels = self.labels if s_idx is None else self.labels[s_idx]
-        states = (self.trajectory.load(t) for t in ts)
+        mine = ts
+        if self.dist.active:  # this rank's checkpoints (and, when t_m < R, its rows of S_t and D_t)
+            mine, images, labels, d_idx, weights = self._dist_work(ts, images, labels, d_idx)
+        states = (self.checkpoint(t) for t in mine)
         r, s = checkpoint_grad_inner(
             self.model, states, (self.x[p_idx], self.y[p_idx]), (self.x[d_idx], self.y[d_idx]), images, labels,
             label_mode=cfg.label_mode, real_mode=cfg.real_mode, chunk=cfg.chunk, backend=cfg.backend,
+            precision=cfg.precision,
         )
         loss = effect_alignment_loss(r, s, self.coefficient)
+        if self.dist.active:
+            loss, r, s = self._dist_loss(r, s, weights)
         self.image_opt.zero_grad(set_to_none=True)
         if self.label_opt is not None:
             self.label_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist.active:
+            self._dist_reduce_grads(s_idx)
         self.image_opt.step()
         if self.label_opt is not None:
             self.label_opt.step()
@@ -178,12 +219,16 @@ class EffectAlignmentDistiller:
     def fit(self, out_dir: str | None = None, resume: bool = False, progress: bool = False,
             checkpoint_every: int = 25, callback=None) -> EADResult:
         """Run (or, with ``resume``, continue) to ``config.iterations``; checkpoints atomically to
-        ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` iterations (bit-identical resume)."""
+        ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` iterations (bit-identical resume).
+        Distributed: every rank loads the same checkpoint, only rank 0 writes it and shows progress
+        (``callback`` runs on every rank); the state does not depend on R, so a run may resume with
+        another number of ranks."""
         ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
         if resume and ckpt and os.path.exists(ckpt):
             self.load_state_dict(load_state(ckpt))
+        self._dist_start()
         bar = None
-        if progress:
+        if progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="EAD", unit="it", dynamic_ncols=True)
@@ -197,7 +242,8 @@ class EffectAlignmentDistiller:
                     bar.set_postfix(loss=f"{rec['loss']:.3g}")
                 if callback is not None:
                     callback(self, rec)
-                if ckpt and (self.iteration % checkpoint_every == 0 or self.iteration == self.config.iterations):
+                if ckpt and self.dist.is_main and (self.iteration % checkpoint_every == 0
+                                                   or self.iteration == self.config.iterations):
                     save_state(ckpt, self.state_dict())
         finally:
             if bar is not None:
@@ -211,6 +257,69 @@ class EffectAlignmentDistiller:
             init_indices=self.init_indices.clone(), history=list(self.history),
             iterations=self.iteration, seconds=self.seconds,
         )
+
+    # ------------------------------------------------------------------ distributed
+
+    def _dist_start(self) -> None:
+        """Once per run (again after a resume): check that every rank has the same configuration, data,
+        trajectory and progress, then broadcast rank 0's replicated state (S, optimizers, RNG)."""
+        if not self.dist.active or self._dist_synced:
+            return
+        self.dist.check_consistent({
+            "config": asdict(self.config),
+            "data": {"x": list(self.x.shape), "dtype": str(self.x.dtype), "checkpoints": len(self.trajectory)},
+            "state": {"iteration": self.iteration},
+        })
+        tensors = [self.images.detach(), self.labels.detach(), *optimizer_state_tensors(self.image_opt)]
+        if self.label_opt is not None:
+            tensors += optimizer_state_tensors(self.label_opt)
+        self.dist.broadcast_(tensors)
+        self.dist.broadcast_generator_(self.generator)
+        self._dist_synced = True
+
+    def _dist_work(self, ts, images, labels, d_idx):
+        """This rank's share of one iteration: ``(checkpoints, images, labels, real indices, (w_r, w_s))``.
+
+        t_m ≥ R: checkpoints ``ts[rank::R]`` with all of S_t and D_t. t_m < R: checkpoint ``rank mod t_m``,
+        whose rows of S_t and D_t are split over the ranks that share it; r and s are then means over a
+        part of the rows and are weighted by the part's share (w_r, w_s). A part with no rows is replaced
+        by one row with weight 0, so that every rank runs the same collectives.
+        """
+        R, rank, t_m = self.dist.world_size, self.dist.rank, len(ts)
+        if t_m >= R:
+            return ts[rank::R], images, labels, d_idx, (1.0, 1.0)
+        j = rank % t_m
+        sharers, part = len(range(j, R, t_m)), rank // t_m
+        lo, hi = shard(images.shape[0], part, sharers)
+        images, labels, w_s = ((images[lo:hi], labels[lo:hi], (hi - lo) / images.shape[0]) if hi > lo
+                               else (images[:1], labels[:1], 0.0))
+        lo, hi = shard(d_idx.numel(), part, sharers)
+        d_idx, w_r = (d_idx[lo:hi], (hi - lo) / d_idx.numel()) if hi > lo else (d_idx[:1], 0.0)
+        return [ts[j]], images, labels, d_idx, (w_r, w_s)
+
+    def _dist_loss(self, r, s, weights):
+        """Eq. 7 over all ranks: all-reduce (Σ_t r_t, Σ_t s_t) first, then |c·R − S|. Returns a loss whose
+        value is |c·R − S| and whose gradient is −sign(c·R − S)·∂s_local, plus the global R and S."""
+        w_r, w_s = weights
+        s_local = s * w_s
+        sums = torch.stack([r.detach().to(s.dtype) * w_r, s_local.detach()])
+        self.dist.all_reduce_sum_([sums])
+        r_all, s_all = sums[0], sums[1]
+        value = self.coefficient * r_all - s_all
+        loss = value.abs() - torch.sign(value) * (s_local - s_local.detach())
+        return loss, r_all, s_all
+
+    def _dist_reduce_grads(self, s_idx) -> None:
+        """Sum the S-gradients over the ranks (only the rows of S_t when S_t ⊂ S)."""
+        params = [self.images] + ([self.labels] if self.label_opt is not None else [])
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        rows = [p.grad if s_idx is None else p.grad[s_idx] for p in params]
+        self.dist.all_reduce_sum_(rows)
+        if s_idx is not None:
+            for p, g in zip(params, rows):
+                p.grad[s_idx] = g
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -244,3 +353,4 @@ class EffectAlignmentDistiller:
         self.iteration = int(state["counters"]["iteration"])
         self.seconds = float(state["counters"]["seconds"])
         self.history = json.loads(state["history"])
+        self._dist_synced = False

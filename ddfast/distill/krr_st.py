@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddfast.artifacts import load_state, save_state
+from ddfast.distributed import DistContext, optimizer_state_tensors
 from ddfast.models import build_model
+from ddfast.network_passes import (PassOptions, autocast, check_pass_options, fold_batchnorm, prepare_images,
+                                   prepare_model)
 from ddfast.ops.ridge_solve import krr_predict
 from ddfast.ssl.barlow_twins import encode
 
@@ -70,6 +73,10 @@ class KRRSTConfig:
     solve_dtype: str | None = None
     backend: str = "auto"
     seed: int = 0
+    precision: str = "fp32"  # network passes: "fp32" or "bf16" autocast; the solve stays float32/64
+    channels_last: bool = False  # pool models and images in NHWC
+    compile: bool = False  # torch.compile the pool models (opt-in)
+    fold_bn: bool = False  # outer-loss passes with BatchNorm folded into the convolutions (eval mode)
 
     def __post_init__(self):
         for name in ("m", "steps", "batch_size", "pool_size", "pool_steps"):
@@ -87,6 +94,7 @@ class KRRSTConfig:
             raise ValueError(f"solve_dtype: expected None, 'float32' or 'float64', got {self.solve_dtype!r}")
         if self.widths is not None:
             self.widths = tuple(int(w) for w in self.widths)
+        check_pass_options(self.precision, self.channels_last, self.compile)
 
 
 @dataclass
@@ -102,11 +110,17 @@ class KRRSTResult:
 
 
 def outer_loss(features: nn.Module, x_syn, y_syn, x_real, y_real, *, lam: float = 1e-6, solve_dtype=None,
-               backend: str = "auto") -> torch.Tensor:
-    """Eq. 4 (mean form) for one feature extractor; the real features carry no graph."""
-    z_syn = features(x_syn)
-    with torch.no_grad():
-        z_real = features(x_real)
+               backend: str = "auto", precision: str = "fp32") -> torch.Tensor:
+    """Eq. 4 (mean form) for one feature extractor; the real features carry no graph.
+
+    ``precision="bf16"`` runs the two feature passes under bf16 autocast; the features are cast back
+    to Y_s's dtype, so the kernel-ridge solve and the loss stay float32 (or ``solve_dtype``).
+    """
+    with autocast(precision, x_syn.device):
+        z_syn = features(x_syn)
+        with torch.no_grad():
+            z_real = features(x_real)
+    z_syn, z_real = z_syn.to(y_syn.dtype), z_real.to(y_syn.dtype)
     pred = krr_predict(z_real, z_syn, y_syn, lam, reg="trace", detach_reg=True, bias=True,
                        solve_dtype=solve_dtype, backend=backend)
     return F.mse_loss(pred, y_real)
@@ -120,8 +134,9 @@ class ModelPool:
     """
 
     def __init__(self, make_model: Callable[[], nn.Module], size: int, max_steps: int, lr: float,
-                 momentum: float, weight_decay: float, generator: torch.Generator):
+                 momentum: float, weight_decay: float, generator: torch.Generator, precision: str = "fp32"):
         self.make_model, self.size, self.max_steps = make_model, size, max_steps
+        self.precision = precision
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.generator = generator
         self.models: list[nn.Module] = []
@@ -142,24 +157,40 @@ class ModelPool:
         model, opt = self.models[idx], self.optimizers[idx]
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x_syn), y_syn)
+        with autocast(self.precision, x_syn.device):
+            out = model(x_syn)
+        loss = F.mse_loss(out.to(y_syn.dtype), y_syn)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    def initialize(self, x_syn: torch.Tensor, y_syn: torch.Tensor, progress=None) -> None:
-        """Each model: fresh weights, then t ~ U{1..T} steps on the initial (X_s, Y_s) (§3.2)."""
+    def initialize(self, x_syn: torch.Tensor, y_syn: torch.Tensor, progress=None, dist=None) -> None:
+        """Each model: fresh weights, then t ~ U{1..T} steps on the initial (X_s, Y_s) (§3.2).
+
+        ``dist`` (a :class:`ddfast.distributed.DistContext`): the seeds and t_i are drawn on every rank
+        from the shared generator, model i is trained by rank i mod R only, then broadcast from it
+        (weights and SGD state), so every rank ends with the same pool as a single process.
+        """
         self.models, self.optimizers, self.iterations = [], [], []
+        spread = dist is not None and dist.active
         for i in range(self.size):
             model, opt = self._fresh()
             self.models.append(model)
             self.optimizers.append(opt)
             t = int(torch.randint(1, self.max_steps + 1, (1,), generator=self.generator))
             self.iterations.append(t)
-            for _ in range(t):
-                self.train_step(i, x_syn, y_syn)
+            if not spread or i % dist.world_size == dist.rank:
+                for _ in range(t):
+                    self.train_step(i, x_syn, y_syn)
             if progress is not None:
                 progress(i + 1, self.size)
+        if spread:
+            for i, (model, opt) in enumerate(zip(self.models, self.optimizers)):
+                owner = i % dist.world_size
+                dist.broadcast_(list(model.state_dict().values()), src=owner)
+                opt_state = dist.broadcast_object(opt.state_dict() if dist.rank == owner else None, src=owner)
+                if dist.rank != owner:
+                    opt.load_state_dict(opt_state)
 
     def update(self, idx: int, x_syn: torch.Tensor, y_syn: torch.Tensor) -> None:
         """Algorithm 1 lines 11–15: one more step while t_i < T, else re-initialise with t_i = 0."""
@@ -203,10 +234,16 @@ class KRRSTDistiller:
         train_targets: g_φ(X_t) ``[n, d_y]`` if already computed (else computed once here).
         make_model: ``() -> nn.Module`` with ``features`` and a linear ``head`` of width d_y (default:
             ``build_model(config.arch, c, d_y, h, widths=..., norm=...)``).
+        process_group: a ``torch.distributed`` group to distil on R ranks, or None (one process).
+            X_s, Y_s, their optimizer, the RNG and the model pool are replicated (the pool's initial
+            training is spread over the ranks, model i on rank i mod R, then broadcast); each rank takes
+            its rows of the real batch b (eq. 4's mean is a sum over rows scaled by 1/(b·d_y)) and the
+            gradients of X_s, Y_s are all-reduced (:mod:`ddfast.distributed`).
     """
 
     def __init__(self, x_train: torch.Tensor, target=None, config: KRRSTConfig | None = None, *,
-                 train_targets: torch.Tensor | None = None, make_model: Callable[[], nn.Module] | None = None):
+                 train_targets: torch.Tensor | None = None, make_model: Callable[[], nn.Module] | None = None,
+                 process_group=None):
         self.config = config = config or KRRSTConfig()
         if not isinstance(x_train, torch.Tensor) or x_train.dim() != 4 or x_train.dtype not in (torch.float32, torch.float64):
             got = f"{tuple(x_train.shape)} {x_train.dtype}" if isinstance(x_train, torch.Tensor) else type(x_train).__name__
@@ -222,18 +259,21 @@ class KRRSTDistiller:
             raise ValueError(f"train_targets: expected g_φ(X_t) of shape [{n}, d_y], got {tuple(train_targets.shape)}")
         if not bool(torch.isfinite(train_targets).all()):
             raise ValueError("train_targets: g_φ(X_t) has non-finite values")
-        self.x_train = x_train
+        self.passes = PassOptions.of(config)
+        self.x_train = prepare_images(x_train, self.passes)  # converted once: X_t never changes
         self.train_targets = train_targets.to(x_train.dtype)
         self.out_dim = train_targets.shape[1]
         c, h = x_train.shape[1], x_train.shape[-1]
         options = {"widths": config.widths, "norm": config.norm} if config.arch == "convnet" else {}
         self._make_net = make_model or (lambda: build_model(config.arch, c, self.out_dim, h, **options))
         self.solve_dtype = getattr(torch, config.solve_dtype) if config.solve_dtype else None
+        self.dist = DistContext(process_group)
+        self._dist_synced = False
         self.generator = torch.Generator().manual_seed(config.seed)
 
         # Algorithm 1 lines 3–4: X_s a random subset, Y_s = g_φ(X_s) (or N(0, I) for "w/o init").
         self.init_indices = torch.randperm(n, generator=self.generator)[: config.m]
-        self.images = x_train[self.init_indices].clone().requires_grad_(True)
+        self.images = prepare_images(x_train[self.init_indices].clone(), self.passes).requires_grad_(True)
         if config.init == "target":
             y0 = self.train_targets[self.init_indices].clone()
         else:
@@ -243,22 +283,24 @@ class KRRSTDistiller:
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0,
                                                            end_factor=config.lr_end_factor, total_iters=config.steps)
         self.pool = ModelPool(self.make_model, config.pool_size, config.pool_steps, config.pool_lr,
-                              config.pool_momentum, config.pool_wd, self.generator)
+                              config.pool_momentum, config.pool_wd, self.generator, config.precision)
         self.step_count = 0
         self.history: list[dict] = []
         self.seconds = 0.0
 
     def make_model(self) -> nn.Module:
-        return self._make_net().to(self.x_train.dtype)
+        return prepare_model(self._make_net().to(self.x_train.dtype), self.passes)
 
     # ------------------------------------------------------------------ Algorithm 1
 
     def initialize_pool(self, progress=None) -> None:
         """Line 5: the model pool, trained on the initial (X_s, Y_s)."""
-        self.pool.initialize(self.images.detach(), self.targets.detach(), progress)
+        self._dist_start()
+        self.pool.initialize(self.images.detach(), self.targets.detach(), progress, dist=self.dist)
 
     def step(self) -> float:
         """One meta-step (lines 7–15); returns the outer loss."""
+        self._dist_start()
         if not self.pool.models:
             self.initialize_pool()
         cfg = self.config
@@ -266,10 +308,15 @@ class KRRSTDistiller:
         idx = int(torch.randint(0, cfg.pool_size, (1,), generator=self.generator))
         model = self.pool.models[idx]
         model.eval()
-        loss = outer_loss(model.features, self.images, self.targets, self.x_train[real], self.train_targets[real],
-                          lam=cfg.lam, solve_dtype=self.solve_dtype, backend=cfg.backend)
+        if self.dist.active:  # this rank's rows of the real batch
+            real, weight = self._real_rows(real)
+        features = fold_batchnorm(model.features) if cfg.fold_bn else model.features
+        loss = outer_loss(features, self.images, self.targets, self.x_train[real], self.train_targets[real],
+                          lam=cfg.lam, solve_dtype=self.solve_dtype, backend=cfg.backend, precision=cfg.precision)
         self.optimizer.zero_grad(set_to_none=True)
         gx, gy = torch.autograd.grad(loss, [self.images, self.targets])
+        if self.dist.active:
+            gx, gy, loss = self._reduce(gx, gy, loss, weight)
         self.images.grad, self.targets.grad = gx, gy
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_([self.images], cfg.grad_clip)
@@ -287,13 +334,16 @@ class KRRSTDistiller:
         """Run (or, with ``resume``, continue) to ``config.steps`` meta-steps.
 
         With ``out_dir`` a checkpoint (X_s, Y_s, optimiser, pool, RNG) is written atomically every
-        ``checkpoint_every`` steps and at the end; a resumed run continues bit-identically.
+        ``checkpoint_every`` steps and at the end; a resumed run continues bit-identically. Distributed:
+        every rank loads the same checkpoint, only rank 0 writes it and shows progress; the state does
+        not depend on the number of ranks, so a run may resume with another R.
         """
         ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
         if resume and ckpt and os.path.exists(ckpt):
             self.load_state_dict(load_state(ckpt))
+        self._dist_start()
         bar = None
-        if progress:
+        if progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.config.steps, initial=self.step_count, desc="KRR-ST", unit="step", dynamic_ncols=True)
@@ -304,7 +354,7 @@ class KRRSTDistiller:
                     bar.set_postfix_str("initialising the model pool")
                 self.initialize_pool()
                 self.seconds += time.perf_counter() - t0
-                if ckpt:
+                if ckpt and self.dist.is_main:
                     save_state(ckpt, self.state_dict())
             while self.step_count < self.config.steps:
                 t0 = time.perf_counter()
@@ -313,7 +363,8 @@ class KRRSTDistiller:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}")
-                if ckpt and (self.step_count % checkpoint_every == 0 or self.step_count == self.config.steps):
+                if ckpt and self.dist.is_main and (self.step_count % checkpoint_every == 0
+                                                   or self.step_count == self.config.steps):
                     save_state(ckpt, self.state_dict())
         finally:
             if bar is not None:
@@ -324,6 +375,40 @@ class KRRSTDistiller:
         return KRRSTResult(images=self.images.detach().clone(), targets=self.targets.detach().clone(),
                            init_indices=self.init_indices.clone(), history=list(self.history),
                            steps=self.step_count, seconds=self.seconds)
+
+    # ------------------------------------------------------------------ distributed
+
+    def _dist_start(self) -> None:
+        """Once per run (again after a resume): check that every rank has the same configuration, data
+        shapes and progress, then broadcast rank 0's replicated state (X_s, Y_s, optimizer, RNG, pool)."""
+        if not self.dist.active or self._dist_synced:
+            return
+        self.dist.check_consistent({
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "data": {"x_train": list(self.x_train.shape), "train_targets": list(self.train_targets.shape),
+                     "dtype": str(self.x_train.dtype)},
+            "state": {"step": self.step_count, "pool": len(self.pool.models), "pool_resets": self.pool.resets},
+        })
+        tensors = [self.images.detach(), self.targets.detach(), *optimizer_state_tensors(self.optimizer)]
+        for model, opt in zip(self.pool.models, self.pool.optimizers):
+            tensors += [*model.state_dict().values(), *optimizer_state_tensors(opt)]
+        self.dist.broadcast_(tensors)
+        self.dist.broadcast_generator_(self.generator)
+        self._dist_synced = True
+
+    def _real_rows(self, real: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's rows of the real batch indices and its weight b_local / b in eq. 4's mean."""
+        lo, hi = self.dist.shard(real.numel())
+        if hi == lo:  # fewer rows than ranks: one row with weight 0 keeps the replicated step in lockstep
+            return real[:1], 0.0
+        return real[lo:hi], (hi - lo) / real.numel()
+
+    def _reduce(self, gx, gy, loss, weight):
+        """Σ over ranks of weight · (∂L/∂X_s, ∂L/∂Y_s, L): each rank's loss is a mean over its rows, so the
+        weighted sum is the mean over the global batch (one all-reduce of m·(c·h·w + d_y) + 1 numbers)."""
+        buf = [gx * weight, gy * weight, (loss.detach() * weight).reshape(1)]
+        self.dist.all_reduce_sum_(buf)
+        return buf[0], buf[1], buf[2][0]
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -364,3 +449,4 @@ class KRRSTDistiller:
         self.step_count = int(state["step_count"])
         self.seconds = float(state["seconds"])
         self.history = json.loads(state["history"])
+        self._dist_synced = False

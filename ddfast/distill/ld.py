@@ -38,9 +38,11 @@ import torch
 from torch import nn
 
 from ddfast.artifacts import load_state, save_state, write_json_atomic
+from ddfast.distributed import DistContext, optimizer_state_tensors
 from ddfast.evaluate.train import EvalResult, TrainSettings, accuracy, evaluate_labels, make_optimizers, train_on_labels
 from ddfast.models import build_model
 from ddfast.models.ridge_head import RidgeClassifier
+from ddfast.network_passes import PassOptions, autocast, check_pass_options, prepare_images, prepare_model
 from ddfast.ops.label_metagrad import label_metagrad, ridge_logits
 from ddfast.ops.ridge_solve import ridge_weights
 from ddfast.reference.label_metagrad import outer_loss, soft_cross_entropy
@@ -82,6 +84,9 @@ class LDConfig:
     seed: int = 0
     backend: str = "auto"
     outer_chunk: int | None = 256  # real examples per forward(/backward) chunk: bounds activation memory
+    precision: str = "fp32"  # network passes: "fp32" or "bf16" autocast (ddfast.network_passes)
+    channels_last: bool = False  # conv nets and images in NHWC
+    compile: bool = False  # torch.compile the model (opt-in)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -89,6 +94,7 @@ class LDConfig:
         for name in ("epochs", "outer_batch", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        check_pass_options(self.precision, self.channels_last, self.compile)
 
 
 def project_to_simplex_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -129,10 +135,14 @@ class LabelDistiller:
         config: :class:`LDConfig`.
         make_model: ``() -> nn.Module`` with ``features`` and a linear ``head`` (default:
             ``ddfast.models.build_model(config.model, c, C, h)``).
+        process_group: a ``torch.distributed`` group to distil on R ranks, or None (one process). The
+            labels, the distillation model and all RNG state are replicated; each rank takes its rows of
+            the real minibatch N_o (the outer loss is a sum over rows scaled by 1/N_o, the label gradient
+            and the correct count are all-reduced) and of the validation split (:mod:`ddfast.distributed`).
     """
 
     def __init__(self, base_images, train, val, num_classes: int, config: LDConfig | None = None,
-                 make_model: Callable[[], nn.Module] | None = None):
+                 make_model: Callable[[], nn.Module] | None = None, *, process_group=None):
         self.config = config = config or LDConfig()
         x_train, y_train = train
         x_val, y_val = val
@@ -152,6 +162,9 @@ class LabelDistiller:
                 raise ValueError(f"{name} y: class indices must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
         if x_train.shape[0] == 0 or x_val.shape[0] == 0:
             raise ValueError("train / val: the real data splits must not be empty")
+        # Images never change: converted once to the passes' memory format.
+        self.passes = PassOptions.of(config)
+        base_images, x_train, x_val = (prepare_images(x, self.passes) for x in (base_images, x_train, x_val))
         self.base_images = base_images
         self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
         self.num_classes = num_classes
@@ -163,7 +176,11 @@ class LabelDistiller:
         self.train_settings = TrainSettings(
             steps=1, batch_size=self.inner_batch, lr=config.lr, pseudo_lr=config.pseudo_lr,
             ridge_lambda=config.ridge_lambda, calibration_lr=config.calibration_lr, backend=config.backend,
+            precision=config.precision,
         )
+        self.dist = DistContext(process_group)
+        self._dist_synced = False
+        self._outer = None  # distributed: (global real-batch size, this rank's weight n_local / N)
         self.generator = torch.Generator().manual_seed(config.seed)
         dtype = base_images.dtype
         self.labels = torch.full((n, num_classes), 1.0 / num_classes, dtype=dtype)
@@ -188,7 +205,7 @@ class LabelDistiller:
         net = self._make_net()
         if self.config.variant == "rr":
             net = RidgeClassifier.from_model(net)
-        return net.to(self.base_images.dtype)
+        return prepare_model(net.to(self.base_images.dtype), self.passes)
 
     def _fresh_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
@@ -206,8 +223,15 @@ class LabelDistiller:
 
     # ------------------------------------------------------------------ one meta-iteration
 
-    def step(self, x_real, y_real) -> float:
-        """One meta-iteration on a real minibatch; returns the monitored error (%)."""
+    def step(self, x_real, y_real, *, global_batch: int | None = None) -> float:
+        """One meta-iteration on a real minibatch; returns the monitored error (%).
+
+        Distributed: ``(x_real, y_real)`` is the global minibatch (the same on every rank) and each rank
+        takes its rows; with ``global_batch`` it is already this rank's rows of a minibatch of that size.
+        """
+        if self.dist.active:
+            self._dist_start()
+            x_real, y_real = self._outer_rows(x_real, y_real, global_batch)
         idx = torch.randperm(self.labels.shape[0], generator=self.generator)[: self.inner_batch]
         xb = self.base_images[idx]
         yb = self.labels.detach()[idx]
@@ -229,23 +253,27 @@ class LabelDistiller:
     def _step_second_order(self, idx, xb, yb, x_real, y_real):
         cfg = self.config
         r = label_metagrad(self.model, xb, yb, x_real, y_real, inner_lr=cfg.inner_lr,
-                           outer_chunk=cfg.outer_chunk, backend=cfg.backend)
-        self._label_step(idx, r.grad)
+                           outer_chunk=cfg.outer_chunk, backend=cfg.backend, precision=cfg.precision)
+        grad, correct, n_real = self._outer_reduce(r.grad, r.outer_correct, x_real.shape[0])
+        self._label_step(idx, grad)
         # Model step: Adam on the inner loss with the labels used for the inner step.
         (opt,) = self.optimizers
         opt.zero_grad(set_to_none=True)
         for name, p in self.model.named_parameters():
             p.grad = r.inner_grads[name].clone()
         opt.step()
-        return 100.0 * (1.0 - r.outer_correct / x_real.shape[0])
+        return 100.0 * (1.0 - correct / n_real)
 
     def _step_rr(self, idx, xb, yb, x_real, y_real):
         cfg, model = self.config, self.model
         y = yb.clone().requires_grad_(True)
-        z = model.features(xb)
-        with torch.no_grad():  # real features are constants here: no graph, in chunks (activation memory)
-            step = cfg.outer_chunk or x_real.shape[0]
-            z_real = torch.cat([model.features(x_real[s : s + step]) for s in range(0, x_real.shape[0], step)])
+        dtype = yb.dtype
+        with autocast(cfg.precision, xb.device):
+            z = model.features(xb).to(dtype)  # float32 features into the ridge solve
+            with torch.no_grad():  # real features are constants here: no graph, in chunks (activation memory)
+                step = cfg.outer_chunk or x_real.shape[0]
+                z_real = torch.cat([model.features(x_real[s : s + step]).to(dtype)
+                                    for s in range(0, x_real.shape[0], step)])
         if cfg.backend == "reference":
             w_local = ridge_weights_ref(z, y, cfg.ridge_lambda, bias=True)
         else:
@@ -255,6 +283,8 @@ class LabelDistiller:
         logits_real = ridge_logits(z_real, w, scale)
         label_loss = outer_loss(logits_real, y_real)
         (gy,) = torch.autograd.grad(label_loss, y, retain_graph=True)
+        correct = int((logits_real.detach().argmax(-1) == y_real).sum())
+        gy, correct, n_real = self._outer_reduce(gy, correct, x_real.shape[0])
         self._label_step(idx, gy)
         # Feature extractor + calibration on the base minibatch with the updated labels; the
         # gradient also flows through W_l (Algorithm 1, line 12).
@@ -265,8 +295,7 @@ class LabelDistiller:
         for opt in self.optimizers:
             opt.step()
         model.weight.copy_(w.detach())
-        correct = int((logits_real.detach().argmax(-1) == y_real).sum())
-        return 100.0 * (1.0 - correct / x_real.shape[0])
+        return 100.0 * (1.0 - correct / n_real)
 
     def _monitor(self, err: float):
         """Moving-window error; reset after N_w non-improving iterations (Algorithm 1, lines 13–17)."""
@@ -296,7 +325,9 @@ class LabelDistiller:
         return max(1, self.steps_since_reset)
 
     def validate(self) -> float:
-        """Train a fresh model on the current labels for T steps; keep the labels if val accuracy ≥ best."""
+        """Train a fresh model on the current labels for T steps; keep the labels if val accuracy ≥ best.
+
+        Distributed: a collective (every rank trains the same model, scores its rows of the split)."""
         steps = self.current_steps()
         seed = self._fresh_seed()
         settings = TrainSettings(**{**self.train_settings.__dict__, "steps": steps})
@@ -305,7 +336,7 @@ class LabelDistiller:
             model = self.make_model()
         labels = self.labels.detach().clone()
         train_on_labels(model, self.base_images, labels, settings, torch.Generator().manual_seed(seed))
-        acc = accuracy(model, self.x_val, self.y_val)
+        acc = self._val_accuracy(model)
         self.history.append({"epoch": self.epoch, "iteration": self.iteration, "steps": steps, "val_accuracy": acc,
                              "resets": self.resets})
         if acc >= self.best_val_acc:
@@ -323,7 +354,11 @@ class LabelDistiller:
         perm = torch.randperm(n, generator=self.generator)
         for s in range(0, n, b):
             sel = perm[s : s + b]
-            err = self.step(self.x_train[sel], self.y_train[sel])
+            if self.dist.active:  # gather only this rank's rows of the minibatch
+                lo, hi = self.dist.shard(sel.numel())
+                err = self.step(self.x_train[sel[lo:hi]], self.y_train[sel[lo:hi]], global_batch=sel.numel())
+            else:
+                err = self.step(self.x_train[sel], self.y_train[sel])
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(resets=self.resets, err=f"{err:.1f}", val=f"{self.best_val_acc:.1f}", refresh=False)
@@ -336,13 +371,16 @@ class LabelDistiller:
         """Run (or, with ``resume``, continue) distillation for ``config.epochs`` epochs.
 
         With ``out_dir`` a checkpoint is written atomically every ``checkpoint_every`` epochs; a resumed
-        run continues bit-identically (all RNG and optimizer state is saved).
+        run continues bit-identically (all RNG and optimizer state is saved). Distributed: every rank
+        loads the same checkpoint, only rank 0 writes it and shows progress; the state does not depend on
+        the number of ranks, so a run may resume with another R.
         """
         ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
         if resume and ckpt and os.path.exists(ckpt):
             self.load_state_dict(load_state(ckpt))
+        self._dist_start()
         bar = None
-        if progress:
+        if progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.config.epochs * self.iterations_per_epoch(), initial=self.iteration,
@@ -352,7 +390,7 @@ class LabelDistiller:
                 t0 = time.perf_counter()
                 self.run_epoch(bar)
                 self.seconds += time.perf_counter() - t0
-                if ckpt and (self.epoch % checkpoint_every == 0 or self.epoch == self.config.epochs):
+                if ckpt and self.dist.is_main and (self.epoch % checkpoint_every == 0 or self.epoch == self.config.epochs):
                     save_state(ckpt, self.state_dict())
         finally:
             if bar is not None:
@@ -370,8 +408,66 @@ class LabelDistiller:
     def evaluate(self, x_test, y_test, models: int = 20, seed: int = 0, result: LDResult | None = None) -> EvalResult:
         """Test accuracy of ``models`` fresh models trained on the best labels for T steps (§4.1)."""
         result = result or self.result()
-        settings = TrainSettings(**{**self.train_settings.__dict__, "steps": result.steps_to_overfit})
+        # The evaluation protocol trains in float32 whatever precision the distillation used.
+        settings = TrainSettings(**{**self.train_settings.__dict__, "steps": result.steps_to_overfit, "precision": "fp32"})
         return evaluate_labels(self.make_model, self.base_images, result.soft_labels, x_test, y_test, settings, models, seed)
+
+    # ------------------------------------------------------------------ distributed
+
+    def _dist_start(self):
+        """Once per run (again after a resume): check that every rank has the same configuration, data
+        shapes and progress, then broadcast rank 0's replicated state (labels, model, optimizers, RNG)."""
+        if not self.dist.active or self._dist_synced:
+            return
+        self.dist.check_consistent({
+            "config": asdict(self.config),
+            "data": {"base_images": list(self.base_images.shape), "train": list(self.x_train.shape),
+                     "val": list(self.x_val.shape), "num_classes": self.num_classes,
+                     "dtype": str(self.base_images.dtype)},
+            "state": {"epoch": self.epoch, "iteration": self.iteration, "resets": self.resets},
+        })
+        tensors = [self.labels.detach(), self.best_labels, *optimizer_state_tensors(self.label_opt),
+                   *self.model.state_dict().values()]
+        for opt in self.optimizers:
+            tensors += optimizer_state_tensors(opt)
+        self.dist.broadcast_(tensors)
+        self.dist.broadcast_generator_(self.generator)
+        self._dist_synced = True
+
+    def _outer_rows(self, x_real, y_real, global_batch):
+        """This rank's rows of the real minibatch; records (N, n_local / N) for :meth:`_outer_reduce`."""
+        if global_batch is None:
+            global_batch = x_real.shape[0]
+            lo, hi = self.dist.shard(global_batch)
+            x_real, y_real = x_real[lo:hi], y_real[lo:hi]
+        n_local = x_real.shape[0]
+        if global_batch < max(n_local, 1):
+            raise ValueError(f"global_batch: expected ≥ {max(n_local, 1)} (this rank's rows), got {global_batch}")
+        if n_local == 0:  # fewer rows than ranks: one row with weight 0 keeps the replicated step in lockstep
+            x_real, y_real = self.x_train[:1], self.y_train[:1]
+        self._outer = (int(global_batch), n_local / global_batch)
+        return x_real, y_real
+
+    def _outer_reduce(self, grad, correct, n_local):
+        """``(∂L_out/∂ỹ, correct, N)`` over the global minibatch. L_out is a mean over real rows, so each
+        rank's mean-gradient is weighted by n_local / N and summed with the correct counts (one
+        all-reduce of N_i·C + 1 numbers). One process: returned unchanged."""
+        if not self.dist.active:
+            return grad, correct, n_local
+        n, weight = self._outer
+        buf = [grad * weight, grad.new_tensor([float(correct) if weight > 0 else 0.0])]
+        self.dist.all_reduce_sum_(buf)
+        return buf[0], int(round(float(buf[1]))), n
+
+    def _val_accuracy(self, model) -> float:
+        """Validation accuracy (%); distributed: each rank scores its rows, the correct counts are summed."""
+        if not self.dist.active:
+            return accuracy(model, self.x_val, self.y_val)
+        n = self.x_val.shape[0]
+        lo, hi = self.dist.shard(n)
+        acc = accuracy(model, self.x_val[lo:hi], self.y_val[lo:hi])
+        (correct,) = self.dist.all_reduce_sum_([torch.tensor([round(acc * (hi - lo) / 100.0)], dtype=torch.float64)])
+        return 100.0 * int(correct.item()) / n
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -419,6 +515,7 @@ class LabelDistiller:
         self.steps_list = [int(s) for s in state["steps_list"]]
         self.best_labels = state["best_labels"].clone()
         self.history = json.loads(state["history"])
+        self._dist_synced = False
 
 
 def _check_images(name, x):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ddfast.models.ridge_head import RidgeClassifier
+from ddfast.network_passes import autocast
 from ddfast.ops.label_metagrad import ridge_logits
 from ddfast.reference.label_metagrad import soft_cross_entropy
 
@@ -34,6 +35,7 @@ class TrainSettings:
     ridge_lambda: float = 1.0  # RR: λ
     calibration_lr: float = 0.01  # RR: Adam lr of the calibration scale
     backend: str = "auto"
+    precision: str = "fp32"  # "bf16": the network passes under bf16 autocast (ddfast.network_passes)
 
 
 def make_optimizers(model: nn.Module, settings: TrainSettings):
@@ -50,14 +52,17 @@ def train_step(model, optimizers, xb, yb, settings: TrainSettings):
     (the feature extractor's gradient also flows through W_l), logits s·[z,1]W.
     """
     if isinstance(model, RidgeClassifier):
-        z = model.features(xb)
+        with autocast(settings.precision, xb.device):
+            z = model.features(xb)
+        z = z.to(yb.dtype)
         w_local = model.local_weights(z, yb, settings.ridge_lambda, settings.backend)
         w = (1.0 - settings.pseudo_lr) * model.weight + settings.pseudo_lr * w_local
         model.weight.copy_(w.detach())
         logits = ridge_logits(z, w, model.scale, model.bias)
     else:
-        logits = model(xb)
-    loss = soft_cross_entropy(logits, yb)
+        with autocast(settings.precision, xb.device):
+            logits = model(xb)
+    loss = soft_cross_entropy(logits.to(yb.dtype), yb)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()

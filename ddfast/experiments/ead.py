@@ -71,25 +71,37 @@ def trajectory_for(dataset: str, data, out: str, *, progress: bool = False, seed
 
 
 def distill(dataset: str, ipc: int, *, out: str, trajectory: str | None = None, root: str | None = None,
-            resume: bool = False, progress: bool = False, checkpoint_every: int = 25, **overrides):
+            resume: bool = False, progress: bool = False, checkpoint_every: int = 25, process_group=None,
+            **overrides):
     """Distil ``dataset`` at ``ipc`` images per class with EAD into the run directory ``out``.
 
     ``trajectory`` is a trajectory directory (trained here with the preset when missing; default
     ``<out>/../trajectory-<dataset>``). ``overrides`` set :class:`EADConfig` fields.
+    ``process_group``: distil on the ranks of a ``torch.distributed`` group (every rank calls this with
+    the same arguments; rank 0 trains a missing trajectory and writes the run directory).
     Returns ``(distiller, result, data)``.
     """
+    from ddfast.distributed import DistContext
+
     p = preset(dataset)
     data = load_dataset(dataset, root)
     traj_dir = trajectory or os.path.join(os.path.dirname(os.path.abspath(out)), f"trajectory-{dataset}")
-    traj = trajectory_for(dataset, data, traj_dir, progress=progress)
+    ctx = DistContext(process_group)
+    if ctx.is_main:
+        traj = trajectory_for(dataset, data, traj_dir, progress=progress)
+    ctx.barrier()  # the other ranks open the trajectory rank 0 has made
+    if not ctx.is_main:
+        traj = trajectory_for(dataset, data, traj_dir)
     cfg = EADConfig(**{**p["ead"], "ipc": ipc, **{k: v for k, v in overrides.items() if v is not None}})
-    distiller = EffectAlignmentDistiller(traj, (data.train_x, data.train_y), cfg)
-    os.makedirs(out, exist_ok=True)
-    _write_meta(out, distiller, dataset, traj_dir, "running")
+    distiller = EffectAlignmentDistiller(traj, (data.train_x, data.train_y), cfg, process_group=process_group)
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
+        _write_meta(out, distiller, dataset, traj_dir, "running")
     result = distiller.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
-    save_distilled(out, result)
-    _write_meta(out, distiller, dataset, traj_dir, "complete")
-    _plot(out, data, result)
+    if ctx.is_main:
+        save_distilled(out, result)
+        _write_meta(out, distiller, dataset, traj_dir, "complete")
+        _plot(out, data, result)
     return distiller, result, data
 
 

@@ -32,11 +32,14 @@ __all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "Pre
 
 # CPU-scale defaults per source data set (the paper's settings are KRRSTConfig's defaults, §4.1). With
 # 1000 meta-steps instead of the paper's 160,000 the AdamW learning rate is 10⁻² instead of 10⁻³.
+# The 28×28 presets run the ConvNet passes in bf16, NHWC, with BatchNorm folded in the outer loss: 1.7×
+# faster per step with the same transfer accuracy (README, "End-to-end speed"); --precision fp32 turns it off.
+_FAST_PASSES = dict(precision="bf16", channels_last=True, fold_bn=True)
 PRESETS = {
     "mnist": dict(image_size=28, targets=("mnist", "fashion-mnist", "digits"), m=100, steps=1000, batch_size=256,
-                  pool_steps=200, widths=(32, 64, 128), lr=1e-2),
+                  pool_steps=200, widths=(32, 64, 128), lr=1e-2, **_FAST_PASSES),
     "fashion-mnist": dict(image_size=28, targets=("fashion-mnist", "mnist", "digits"), m=100, steps=1000,
-                          batch_size=256, pool_steps=200, widths=(32, 64, 128), lr=1e-2),
+                          batch_size=256, pool_steps=200, widths=(32, 64, 128), lr=1e-2, **_FAST_PASSES),
     "digits": dict(image_size=16, targets=("digits",), m=50, steps=300, batch_size=256, pool_steps=100,
                    widths=(16, 32)),
 }
@@ -67,11 +70,13 @@ def _check_target_fits(target, ds, target_dir):
 
 def distill(dataset: str, target_dir: str, *, out: str | None = None, root: str | None = None,
             image_size: int | None = None, resume: bool = False, progress: bool = False,
-            checkpoint_every: int = 100, **overrides):
+            checkpoint_every: int = 100, process_group=None, **overrides):
     """Distil ``dataset`` with the target model saved in ``target_dir`` (Algorithm 1).
 
     ``overrides`` set :class:`KRRSTConfig` fields (m, steps, batch_size, lr, pool_steps, widths, init,
     backend, seed, ...); the rest come from :data:`PRESETS`. Returns ``(distiller, result, source)``.
+    ``process_group``: distil on the ranks of a ``torch.distributed`` group (every rank calls this with
+    the same arguments; rank 0 writes the run directory).
     """
     p = preset(dataset)
     image_size = image_size or p["image_size"]
@@ -86,11 +91,12 @@ def distill(dataset: str, target_dir: str, *, out: str | None = None, root: str 
     ds = load_source(dataset, image_size, root)
     _check_target_fits(target, ds, target_dir)
     train_targets = encode(target, ds.train_x)
-    krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets)
-    if out:
+    krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets, process_group=process_group)
+    write = bool(out) and krr.dist.is_main
+    if write:
         _write_meta(out, krr, dataset, target_dir, image_size, status="running")
     result = krr.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
-    if out:
+    if write:
         save_distilled(out, result, dataset, target_dir, image_size)
         _write_meta(out, krr, dataset, target_dir, image_size, status="done", result=result)
         _plots(out, ds, result, train_targets, target)

@@ -77,8 +77,11 @@ def prepare(dataset: str, base_examples: int, *, source: str | None = None, root
 def distill(dataset: str, base_examples: int, variant: str = "second_order", *, out: str | None = None,
             resume: bool = False, source: str | None = None, root: str | None = None, source_root: str | None = None,
             backend: str = "auto", seed: int = 0, progress: bool = False, prepared: Prepared | None = None,
-            **overrides):
-    """Distil labels; returns ``(distiller, result, prepared)`` and writes the run directory if ``out``."""
+            process_group=None, **overrides):
+    """Distil labels; returns ``(distiller, result, prepared)`` and writes the run directory if ``out``.
+
+    ``process_group``: distil on the ranks of a ``torch.distributed`` group (every rank calls this with
+    the same arguments; rank 0 writes the run directory)."""
     opts = preset(dataset)
     opts.update({k: v for k, v in overrides.items() if v is not None})
     image_size = opts.pop("image_size", None)
@@ -86,12 +89,14 @@ def distill(dataset: str, base_examples: int, variant: str = "second_order", *, 
                                    image_size=image_size, seed=seed)
     cfg = LDConfig(variant=variant, seed=seed, backend=backend, **opts)
     t = prepared.target
-    ld = LabelDistiller(prepared.base_images, (t.train_x, t.train_y), (t.val_x, t.val_y), t.num_classes, cfg)
-    if out:
+    ld = LabelDistiller(prepared.base_images, (t.train_x, t.train_y), (t.val_x, t.val_y), t.num_classes, cfg,
+                        process_group=process_group)
+    write = bool(out) and ld.dist.is_main
+    if write:
         os.makedirs(out, exist_ok=True)
         _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status="running")
     result = ld.fit(out_dir=out, resume=resume, progress=progress)
-    if out:
+    if write:
         save_distilled(out, ld, result, prepared)
         _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status="done", result=result)
         try:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, jvp
 
+from ddfast.network_passes import autocast
 from ddfast.reference.checkpoint_grad_inner import (
     _split_state,
     checkpoint_grad_inner_ref,
@@ -124,6 +125,13 @@ def _check_model_mode(model):
 # --------------------------------------------------------------------------- fused algorithm
 
 
+def _forward(model, state, x, precision):
+    """The network pass f(x; state), under bf16 autocast for ``precision="bf16"``; outputs in x's dtype."""
+    with autocast(precision, x.device):
+        out = functional_call(model, state, (x,))
+    return out.to(x.dtype)
+
+
 def _chunks(x, y, chunk):
     n = x.shape[0]
     step = n if not chunk or chunk >= n else int(chunk)
@@ -131,27 +139,27 @@ def _chunks(x, y, chunk):
         yield x[s : s + step], y[s : s + step], min(step, n - s) / n
 
 
-def _mean_grad(model, leaves, buffers, x, y, chunk):
+def _mean_grad(model, leaves, buffers, x, y, chunk, precision="fp32"):
     """∇θ L(x, y) with L the batch mean, streaming the batch in chunks."""
     plist = list(leaves.values())
     total = None
     for xc, yc, w in _chunks(x, y, chunk):
-        loss = real_loss(functional_call(model, {**leaves, **buffers}, (xc,)), yc) * w
+        loss = real_loss(_forward(model, {**leaves, **buffers}, xc, precision), yc) * w
         g = torch.autograd.grad(loss, plist)
         total = list(g) if total is None else [a + b for a, b in zip(total, g)]
     return total
 
 
-def _real_inner_autograd(model, leaves, buffers, v, x, y, chunk):
-    g = _mean_grad(model, leaves, buffers, x, y, chunk)
+def _real_inner_autograd(model, leaves, buffers, v, x, y, chunk, precision="fp32"):
+    g = _mean_grad(model, leaves, buffers, x, y, chunk, precision)
     return sum((a * b).sum() for a, b in zip(v, g))
 
 
-def _real_inner_jvp(model, theta, buffers, vdict, x, y, chunk):
+def _real_inner_jvp(model, theta, buffers, vdict, x, y, chunk, precision="fp32"):
     total = 0.0
     with torch.no_grad():
         for xc, yc, w in _chunks(x, y, chunk):
-            _, d = jvp(lambda th: real_loss(functional_call(model, {**th, **buffers}, (xc,)), yc), (theta,), (vdict,))
+            _, d = jvp(lambda th: real_loss(_forward(model, {**th, **buffers}, xc, precision), yc), (theta,), (vdict,))
             total = total + d * w
     return total
 
@@ -165,13 +173,13 @@ def _real_inner_ghost(model, leaves, buffers, vdict, x, y, chunk, backend):
     return total
 
 
-def _synthetic_pass(model, theta, buffers, vdict, images, soft_labels, label_mode, need_x, need_y):
+def _synthetic_pass(model, theta, buffers, vdict, images, soft_labels, label_mode, need_x, need_y, precision="fp32"):
     """s = ⟨v, ∇θ L(S, θ)⟩ and its gradients w.r.t. images and soft labels (reverse-over-forward)."""
     n = images.shape[0]
     q = synthetic_targets(soft_labels.detach(), label_mode)
     x = images.detach().requires_grad_(need_x)
     with torch.set_grad_enabled(need_x):
-        z, u = jvp(lambda th: functional_call(model, {**th, **buffers}, (x,)), (theta,), (vdict,))
+        z, u = jvp(lambda th: _forward(model, {**th, **buffers}, x, precision), (theta,), (vdict,))
         if z.shape[-1] != q.shape[-1]:
             raise ValueError(
                 f"soft_labels: expected {z.shape[-1]} columns (the model's output width), got {q.shape[-1]}"
@@ -188,7 +196,8 @@ def _synthetic_pass(model, theta, buffers, vdict, images, soft_labels, label_mod
     return s.detach(), gx, gy
 
 
-def _synthetic_pass_double(model, leaves, buffers, v, images, soft_labels, label_mode, need_x, need_y):
+def _synthetic_pass_double(model, leaves, buffers, v, images, soft_labels, label_mode, need_x, need_y,
+                           precision="fp32"):
     """The same s and gradients by differentiating ⟨v, ∇θ L(S, θ)⟩ with a double backward, one checkpoint
     at a time (``syn_mode="double"``; faster than the JVP for models whose norm layers have costly
     forward-mode formulas)."""
@@ -198,7 +207,7 @@ def _synthetic_pass_double(model, leaves, buffers, v, images, soft_labels, label
     y = soft_labels.detach().requires_grad_(need_y)
     plist = list(leaves.values())
     with torch.enable_grad():
-        z = functional_call(model, {**leaves, **buffers}, (x,))
+        z = _forward(model, {**leaves, **buffers}, x, precision)
         if z.shape[-1] != y.shape[-1]:
             raise ValueError(
                 f"soft_labels: expected {z.shape[-1]} columns (the model's output width), got {y.shape[-1]}"
@@ -213,8 +222,10 @@ def _synthetic_pass_double(model, leaves, buffers, v, images, soft_labels, label
 
 
 class _Runner:
-    def __init__(self, model, checkpoints, probe, real, label_mode, real_mode, syn_mode, chunk, backend):
+    def __init__(self, model, checkpoints, probe, real, label_mode, real_mode, syn_mode, chunk, backend,
+                 precision="fp32"):
         self.model, self.checkpoints, self.probe, self.real = model, checkpoints, probe, real
+        self.precision = precision
         self.label_mode, self.real_mode, self.chunk, self.backend = label_mode, real_mode, chunk, backend
         self.syn_mode = syn_mode
 
@@ -227,22 +238,22 @@ class _Runner:
             theta = {k: t.detach() for k, t in params.items()}
             with torch.enable_grad():
                 leaves = {k: t.detach().requires_grad_(True) for k, t in params.items()}
-                v = _mean_grad(model, leaves, buffers, x_p, y_p, self.chunk)
+                v = _mean_grad(model, leaves, buffers, x_p, y_p, self.chunk, self.precision)
                 vdict = dict(zip(leaves, v))
                 if self.real is None:
                     r = images.new_zeros(())
                 elif self.real_mode == "autograd":
-                    r = _real_inner_autograd(model, leaves, buffers, v, *self.real, self.chunk)
+                    r = _real_inner_autograd(model, leaves, buffers, v, *self.real, self.chunk, self.precision)
                 elif self.real_mode == "jvp":
-                    r = _real_inner_jvp(model, theta, buffers, vdict, *self.real, self.chunk)
+                    r = _real_inner_jvp(model, theta, buffers, vdict, *self.real, self.chunk, self.precision)
                 else:
                     r = _real_inner_ghost(model, leaves, buffers, vdict, *self.real, self.chunk, self.backend)
             if self.syn_mode == "double":
                 s, gx, gy = _synthetic_pass_double(model, leaves, buffers, v, images, soft_labels, self.label_mode,
-                                                   need_x, need_y)
+                                                   need_x, need_y, self.precision)
             else:
                 s, gx, gy = _synthetic_pass(model, theta, buffers, vdict, images, soft_labels, self.label_mode,
-                                            need_x, need_y)
+                                            need_x, need_y, self.precision)
             r_all.append(torch.as_tensor(r, dtype=images.dtype).detach().reshape(()))
             s_all.append(s)
             if reduce == "none":
@@ -321,6 +332,7 @@ def checkpoint_grad_inner(
     syn_mode: str = "auto",
     chunk: int | None = None,
     backend: str = "auto",
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_t ⟨∇L(P,θ_t), ∇L(D_t,θ_t)⟩ and Σ_t ⟨∇L(P,θ_t), ∇L(S,θ_t)⟩, the second differentiable w.r.t. S.
 
@@ -340,6 +352,9 @@ def checkpoint_grad_inner(
             checkpoint's ⟨v_t, ∇L(S)⟩, graph freed before the next checkpoint); ``"auto"``: see
             :func:`default_syn_mode`.
         chunk: process P and D_t in chunks of this many examples (bounds activation memory).
+        precision: ``"fp32"`` or ``"bf16"`` (fused path only): every network pass (P, D_t, S) under bf16
+            autocast with logits cast back to the images' dtype; the inner products, the losses and
+            the S-gradients are float32 (:mod:`ddfast.network_passes`).
         backend: ``"reference"`` (double backward, :func:`checkpoint_grad_inner_ref`) or a fused
             backend name (``"auto"``, ``"fused"``, ``"cpu"``, ``"triton"``, ``"cuda"``; the name selects
             the ghost-product kernels of ``real_mode="ghost"``).
@@ -353,7 +368,11 @@ def checkpoint_grad_inner(
     if reduce not in ("sum", "none"):
         raise ValueError(f"reduce: expected 'sum' or 'none', got {reduce!r}")
     _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
     if backend == "reference":
+        if precision != "fp32":
+            raise ValueError("precision: 'bf16' runs on the fused path only; the reference is the float32/float64 truth")
         r, s = checkpoint_grad_inner_ref(model, checkpoints, probe, real, images, soft_labels, label_mode)
         return (r.sum(), s.sum()) if reduce == "sum" else (r, s)
     _check_model_mode(model)
@@ -361,5 +380,5 @@ def checkpoint_grad_inner(
         raise ValueError(f"syn_mode: expected 'auto', 'jvp' or 'double', got {syn_mode!r}")
     mode = "autograd" if real_mode == "auto" else real_mode
     smode = default_syn_mode(model) if syn_mode == "auto" else syn_mode
-    runner = _Runner(model, checkpoints, probe, real, label_mode, mode, smode, chunk, backend)
+    runner = _Runner(model, checkpoints, probe, real, label_mode, mode, smode, chunk, backend, precision)
     return CheckpointGradInnerFunction.apply(images, soft_labels, runner, reduce)

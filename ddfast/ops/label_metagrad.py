@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ddfast import dispatch as _backends
+from ddfast.network_passes import autocast
 from ddfast.ops.ridge_solve import ridge_weights
 from ddfast.reference.label_metagrad import _correct, label_metagrad_ref, outer_loss
 from ddfast.reference.ridge_solve import ridge_weights_ref
@@ -184,8 +185,8 @@ def _param_dict(module):
     return {k: p.detach() for k, p in module.named_parameters()}
 
 
-def _outer_grad(model, stepped, x_real, y_real, chunk):
-    """L_out = CE(f_θ'(x), y) and g' = ∇θ' L_out, streaming the real batch in chunks."""
+def _outer_grad(model, stepped, x_real, y_real, chunk, precision="fp32"):
+    """L_out = CE(f_θ'(x), y) and g' = ∇θ' L_out, streaming the real batch in chunks (logits in float32)."""
     M = x_real.shape[0]
     names = list(stepped)
     leaves = {k: v.detach().requires_grad_(True) for k, v in stepped.items()}
@@ -196,7 +197,9 @@ def _outer_grad(model, stepped, x_real, y_real, chunk):
     chunk = M if not chunk or chunk >= M else int(chunk)
     for s in range(0, M, chunk):
         xc, yc = x_real[s : s + chunk], y_real[s : s + chunk]
-        logits = functional_call(model, {**leaves, **buffers}, (xc,))
+        with autocast(precision, xc.device):
+            logits = functional_call(model, {**leaves, **buffers}, (xc,))
+        logits = logits.to(total.dtype)
         loss = outer_loss(logits, yc) * (xc.shape[0] / M)
         gs = torch.autograd.grad(loss, [leaves[k] for k in names])
         grads = list(gs) if grads is None else [a.add_(b) for a, b in zip(grads, gs)]
@@ -205,8 +208,9 @@ def _outer_grad(model, stepped, x_real, y_real, chunk):
     return total, dict(zip(names, grads)), correct
 
 
-def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk):
+def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk, precision="fp32"):
     N = x_base.shape[0]
+    dev = x_base.device
     scale = 1.0 / N if reduction == "mean" else 1.0
     y = y_soft.detach()
     split = split_model(model)
@@ -215,11 +219,13 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
             features, head = split
             phi = {k: p.detach().requires_grad_(True) for k, p in features.named_parameters()}
             W, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
-            h = functional_call(features, phi, (x_base,))
+            with autocast(precision, dev):
+                h_net = functional_call(features, phi, (x_base,))
+            h = h_net.to(y.dtype)  # float32 features for the head and the kernels
             z = F.linear(h.detach(), W, b)
             R, loss_rows = kernels.fwd(z, y, scale)
             # Inner gradient: head in closed form, body by one VJP with cotangent R W.
-            g_phi = torch.autograd.grad(h, list(phi.values()), R @ W) if phi else ()
+            g_phi = torch.autograd.grad(h_net, list(phi.values()), (R @ W).to(h_net.dtype)) if phi else ()
             g_in = dict(zip(phi, g_phi))
             head_names = {n: f"{_head_prefix(model, head)}{n}" for n, _ in head.named_parameters()}
             g_head = {"weight": R.transpose(0, 1) @ h.detach(), "bias": R.sum(0)}
@@ -234,12 +240,14 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
         else:
             theta = {k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}
             buffers = dict(model.named_buffers())
-            z = functional_call(model, {**theta, **buffers}, (x_base,))
+            with autocast(precision, dev):
+                z_net = functional_call(model, {**theta, **buffers}, (x_base,))
+            z = z_net.to(y.dtype)
             R, loss_rows = kernels.fwd(z.detach(), y, scale)
-            g = torch.autograd.grad(z, list(theta.values()), R)
+            g = torch.autograd.grad(z_net, list(theta.values()), R.to(z_net.dtype))
             inner_grads = dict(zip(theta, g))
             params = {k: p.detach() - inner_lr * inner_grads[k] for k, p in theta.items()}
-        loss, g_out, correct = _outer_grad(model, params, x_real, y_real, outer_chunk)
+        loss, g_out, correct = _outer_grad(model, params, x_real, y_real, outer_chunk, precision)
     # v = J g' at θ over the base batch (forward mode), then the fused residual.
     if split is not None:
         feat_prefix = _module_prefix(model, features)
@@ -247,8 +255,9 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
         if names:
             tangents = tuple(g_out[feat_prefix + k] for k in names)
             primals = tuple(phi[k].detach() for k in names)
-            _, dh = jvp(lambda *ps: functional_call(features, dict(zip(names, ps)), (x_base,)), primals, tangents)
-            Vb = dh @ W.transpose(0, 1)
+            with autocast(precision, dev):
+                _, dh = jvp(lambda *ps: functional_call(features, dict(zip(names, ps)), (x_base,)), primals, tangents)
+            Vb = dh.to(y.dtype) @ W.transpose(0, 1)
         else:
             Vb = None
         hp = _head_prefix(model, head)
@@ -258,11 +267,13 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
     else:
         names = list(theta)
         buffers = dict(model.named_buffers())
-        _, v = jvp(
-            lambda *ps: functional_call(model, {**dict(zip(names, ps)), **buffers}, (x_base,)),
-            tuple(theta[k].detach() for k in names),
-            tuple(g_out[k] for k in names),
-        )
+        with autocast(precision, dev):
+            _, v = jvp(
+                lambda *ps: functional_call(model, {**dict(zip(names, ps)), **buffers}, (x_base,)),
+                tuple(theta[k].detach() for k in names),
+                tuple(g_out[k] for k in names),
+            )
+        v = v.to(y.dtype)
         eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
         grad = kernels.bwd(v, eye, None, None, z.detach(), inner_lr * scale)
     inner_loss = loss_rows.mean() if reduction == "mean" else loss_rows.sum()
@@ -339,6 +350,14 @@ def _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction):
         raise ValueError(f"inner_lr: expected α > 0, got {inner_lr}")
 
 
+def _check_precision(precision, backend_name):
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and backend_name == "reference":
+        raise ValueError("precision: 'bf16' runs on the fused path only; the reference is the float32/float64 truth "
+                         "(use backend='auto' or 'fused')")
+
+
 def _check_classes(model, x_base, C):
     with torch.no_grad():
         out = model(x_base[:1])
@@ -349,7 +368,8 @@ def _check_classes(model, x_base, C):
 # --------------------------------------------------------------------------- public API
 
 
-def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto"):
+def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto",
+                    precision="fp32"):
     """L_out(ỹ) of second-order LD, differentiable w.r.t. ``y_soft`` (label-distillation §3, eq. 1).
 
     Args:
@@ -359,21 +379,26 @@ def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, red
         inner_lr: α of the inner SGD step.  reduction: inner loss "mean" (1/N) or "sum".
         outer_chunk: fused path only: real examples per forward/backward chunk (bounds activation memory).
         backend: "auto" | "fused" | "cpu" | "triton" | "cuda" | "reference".
+        precision: "fp32" or "bf16" (fused path only): the network passes under bf16 autocast; the
+            soft labels, features fed to the kernels, losses and gradients stay float32
+            (:mod:`ddfast.network_passes`).
     Returns: scalar L_out; its gradient w.r.t. ``y_soft`` is the label meta-gradient.
     Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref``.
     """
     _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
+    _check_precision(precision, name)
     lr = float(inner_lr)
     if name == "reference":
         metagrad = lambda y: label_metagrad_ref(model, x_base, y, x_real, y_real, lr, reduction)  # noqa: E731
     else:
         metagrad = lambda y: _fused_metagrad(  # noqa: E731
-            _KERNELS[name], model, x_base, y, x_real, y_real, lr, reduction, outer_chunk)[:2]
+            _KERNELS[name], model, x_base, y, x_real, y_real, lr, reduction, outer_chunk, precision)[:2]
     return LabelMetagradFunction.apply(y_soft, metagrad)
 
 
-def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto"):
+def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto",
+                   precision="fp32"):
     """L_out, ∂L_out/∂ỹ (and what LD's model step reuses) of second-order LD.
 
     Arguments as :func:`label_meta_loss`. Returns a :class:`LabelMetagrad`.
@@ -384,11 +409,12 @@ def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, redu
     _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
     _check_classes(model, x_base, y_soft.shape[1])
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
+    _check_precision(precision, name)
     if name == "reference":
         return LabelMetagrad(*label_metagrad_ref(model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, True))
     with torch.no_grad():
         return _fused_metagrad(
-            _KERNELS[name], model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, outer_chunk
+            _KERNELS[name], model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, outer_chunk, precision
         )
 
 
