@@ -221,7 +221,8 @@ def _trajectory(args) -> int:
     traj = train_trajectory(data, args.arch, args.out, epochs=args.epochs, every=args.every, lr=args.lr,
                             momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                             milestones=args.milestones, gamma=args.gamma, batch_size=args.batch_size, seed=args.seed,
-                            model_options=options, resume=args.resume, progress=not args.no_progress)
+                            model_options=options, resume=args.resume, progress=not args.no_progress,
+                            process_group=getattr(args, "process_group", None))
     loss, acc = traj.index.get("final_train_loss"), traj.test_accuracy
     print(f"{args.out}: {len(traj)} checkpoints of {traj.arch} on {traj.index['dataset']} over {traj.steps[-1]} SGD steps, "
           f"final train loss {'n/a' if loss is None else f'{loss:.4f}'}, "
@@ -541,6 +542,8 @@ def main(argv=None) -> int:
     tr.add_argument("--out", required=True, help="trajectory folder (checkpoints, trajectory.json)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--distributed", action="store_true",
+                    help="one rank of `torchrun --nproc-per-node R` (DistributedDataParallel)")
     ead = distill_sub.add_parser("ead", help="effect alignment (effect-alignment Algorithm 1) on a stored trajectory")
     ead.add_argument("--dataset", default="digits", help="real data set (its training split is D)")
     ead.add_argument("--root", default=None, help="folder with the data set's files")
@@ -631,6 +634,8 @@ def main(argv=None) -> int:
     if args.command == "distill" and args.distributed:
         handler = {"ld": _distill_ld, "krr-st": _distill_krr_st, "ead": _distill_ead}[args.method]
         return _distributed_run(handler, args)
+    if args.command == "trajectory" and args.distributed:
+        return _distributed_run(_trajectory, args)
     if args.command == "bench" and args.op == "krr-st":
         return _bench_krr_st(args)
     if args.command == "bench" and args.op == "label-metagrad":

@@ -333,6 +333,24 @@ def _sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tens
     return loss.detach()
 
 
+def _sgd_step_sharded(ddp: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+                      ctx) -> torch.Tensor:
+    """One DistributedDataParallel step on this rank's rows of the global minibatch (xb, yb).
+
+    Loss_r = (R / B) Σ_{i ∈ rows_r} CE_i: DDP averages over the R ranks, so the summed gradient is that of
+    the global mean (1/B) Σ_i CE_i whatever the shard sizes. Returns the global mean loss (all-reduced).
+    """
+    B = xb.shape[0]
+    lo, hi = ctx.shard(B)
+    loss_sum = F.cross_entropy(ddp(xb[lo:hi]), yb[lo:hi], reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum * (ctx.world_size / B)).backward()
+    optimizer.step()
+    total = (loss_sum.detach() / B).reshape(1).to(torch.float64)
+    ctx.all_reduce_sum_([total])
+    return total[0]
+
+
 def _save_checkpoint(path: str, model: nn.Module, step: int, lr: float) -> None:
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "step": str(step), "lr": repr(float(lr))}
@@ -384,6 +402,7 @@ def train_trajectory(
     model_options: dict | None = None,
     resume: bool = False,
     progress: bool = True,
+    process_group=None,
 ) -> Trajectory:
     """Train ``arch`` on ``data.train_x``/``train_y`` with SGD and store the trajectory {(θ_t, η_t)} in ``out``.
 
@@ -415,6 +434,12 @@ def train_trajectory(
             with the same arguments); a complete run is returned as is; a folder without a trajectory
             index or resume state starts from scratch.
         progress: show a tqdm progress bar.
+        process_group: train on the R ranks of a ``torch.distributed`` group with
+            ``DistributedDataParallel``: every rank draws the same global minibatch and takes its rows
+            (:func:`ddfast.distributed.shard`), the loss is the rank's share of the global mean, DDP sums
+            the gradients, so each step equals the single-process step on the global batch (to
+            rounding; BatchNorm normalises per rank's rows). Rank 0 writes the checkpoints, the index
+            and the resume state; every rank returns the :class:`Trajectory`. ``batch_size`` must be ≥ R.
 
     Returns:
         the :class:`Trajectory` in ``out``.
@@ -477,20 +502,29 @@ def train_trajectory(
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
     }
 
+    from ddfast.distributed import DistContext
+
+    ctx = DistContext(process_group)
+    if ctx.active and batch_size < ctx.world_size:
+        raise ValueError(f"batch_size: {batch_size} examples cannot be split over {ctx.world_size} ranks")
+    if ctx.active:
+        ctx.check_consistent({"config": config, "resume": bool(resume)})
     out = os.fspath(out)
     index_path, resume_path = os.path.join(out, INDEX_FILE), os.path.join(out, RESUME_FILE)
+    # What is on disk, as rank 0 sees it before anyone writes (every rank takes the same branch).
+    has_index, has_resume = ctx.broadcast_object((os.path.isfile(index_path), os.path.isfile(resume_path)))
     # Until the index exists (it is written right after checkpoint 0 and its resume state), the folder
     # holds no trajectory: leftovers of a run interrupted before that are overwritten.
-    if os.path.isfile(index_path) and not resume:
+    if has_index and not resume:
         raise FileExistsError(f"out: {out} already holds a trajectory; pass resume=True (--resume) to continue it "
                               f"or choose another folder")
     state = None
-    if resume and os.path.isfile(resume_path):
+    if resume and has_resume:
         state = load_state(resume_path)
         key = _config_mismatch(state["config"], config)
         if key is not None:
             raise _mismatch_error(resume_path, key, state["config"], config)
-    elif resume and os.path.isfile(index_path):
+    elif resume and has_index:
         with open(index_path) as f:
             saved = json.load(f)
         key = _config_mismatch(saved, config)
@@ -506,6 +540,11 @@ def train_trajectory(
         model = build_model(arch, config["in_channels"], config["num_classes"], config["image_size"], **model_options)
         model.to(x.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        net = model
+        if ctx.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, process_group=process_group)
         generator = torch.Generator().manual_seed(int(seed))
         perm = torch.arange(n)
         step, checkpoints, seconds = 0, [], 0.0
@@ -524,6 +563,8 @@ def train_trajectory(
                     "seconds": seconds}
 
         def checkpoint(train_loss):
+            if not ctx.is_main:
+                return
             eta = lr_at(step, optimizer_cfg, steps_per_epoch, total_steps)
             name = _ckpt_name(step)
             _save_checkpoint(os.path.join(out, name), model, step, eta)
@@ -536,14 +577,15 @@ def train_trajectory(
             })
             write_json_atomic(index_path, index())
 
-        os.makedirs(out, exist_ok=True)
+        if ctx.is_main:
+            os.makedirs(out, exist_ok=True)
         if state is None:
             checkpoint(None)
-        else:
+        elif ctx.is_main:
             write_json_atomic(index_path, index())  # the resume state may be one checkpoint ahead of the index
 
         bar = None
-        if progress and step < total_steps:
+        if progress and step < total_steps and ctx.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total_steps, initial=step, desc=f"trajectory {arch}", unit="step", dynamic_ncols=True)
@@ -559,7 +601,10 @@ def train_trajectory(
                 eta = lr_at(step, optimizer_cfg, steps_per_epoch, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = eta
-                loss_sum += _sgd_step(model, optimizer, x[idx], y[idx])
+                if ctx.active:
+                    loss_sum += _sgd_step_sharded(net, optimizer, x[idx], y[idx], ctx)
+                else:
+                    loss_sum += _sgd_step(model, optimizer, x[idx], y[idx])
                 loss_count += 1
                 step += 1
                 if bar is not None:
@@ -579,11 +624,13 @@ def train_trajectory(
             if bar is not None:
                 bar.close()
 
-    test_accuracy = None
-    if data.test_x is not None and len(data.test_y):
-        from ddfast.evaluate.train import accuracy
+    if ctx.is_main:
+        test_accuracy = None
+        if data.test_x is not None and len(data.test_y):
+            from ddfast.evaluate.train import accuracy
 
-        test_accuracy = accuracy(model, data.test_x, data.test_y)
-    write_json_atomic(index_path, index(complete=True, test_accuracy=test_accuracy))
-    os.unlink(resume_path)
+            test_accuracy = accuracy(model, data.test_x, data.test_y)
+        write_json_atomic(index_path, index(complete=True, test_accuracy=test_accuracy))
+        os.unlink(resume_path)
+    ctx.barrier()  # the other ranks open the index rank 0 has just written
     return Trajectory.open(out)

@@ -74,9 +74,9 @@ def _ead(traj_dir, group=None, **kw):
                                     EADConfig(**{**EAD_CFG, **kw}), process_group=group)
 
 
-def _make_trajectory(out):
-    train_trajectory(_dataset(), "mlp", out, epochs=2, every=2, lr=0.1, batch_size=32,
-                     model_options={"hidden": (8,)}, progress=False)
+def _make_trajectory(out, group=None):
+    return train_trajectory(_dataset(), "mlp", out, epochs=2, every=2, lr=0.1, batch_size=32,
+                            model_options={"hidden": (8,)}, progress=False, process_group=group)
 
 
 def _ld_state(d):
@@ -112,6 +112,10 @@ def _worker(rank, world, init_file, out, job, arg):
 
 def _job_equivalence(rank, group, out, traj_dir):
     res = {}
+    # Trajectory training with DistributedDataParallel: rank 0 writes, every rank returns it.
+    traj = _make_trajectory(os.path.join(out, "trajectory"), group)
+    res["trajectory"] = {"final": dict(traj.final()), "losses": [c["train_loss"] for c in traj.index["checkpoints"]],
+                         "steps": list(traj.steps)}
     for variant in ("rr", "second_order"):
         d = _ld(variant, group)
         d.fit()
@@ -395,3 +399,16 @@ def test_torchrun_cli_smoke(tmp_path):
     assert proc.stdout.count("best val accuracy") == 1, proc.stdout
     for name in ("distilled.safetensors", "meta.json", "checkpoint.safetensors"):
         assert (run / name).exists(), name
+
+
+def test_trajectory_ddp_equals_one_process(spawned, traj_dir):
+    """DDP trajectory training (R = 2, each rank half of every global minibatch) = one process, float32."""
+    one = Trajectory.open(traj_dir)
+    for rank in range(WORLD):
+        got = spawned[rank]["trajectory"]
+        assert got["steps"] == list(one.steps)
+        for k, v in dict(one.final()).items():
+            torch.testing.assert_close(got["final"][k], v, rtol=1e-5, atol=1e-6)
+        want = [c["train_loss"] for c in one.index["checkpoints"]]
+        assert got["losses"][0] is None and want[0] is None
+        torch.testing.assert_close(torch.tensor(got["losses"][1:]), torch.tensor(want[1:]), rtol=1e-5, atol=1e-6)

@@ -54,20 +54,24 @@ def _settings(p: dict) -> TrainSettings:
     return TrainSettings(**p["eval"])
 
 
-def trajectory_for(dataset: str, data, out: str, *, progress: bool = False, seed: int = 0, **overrides):
-    """The trajectory of ``dataset`` under ``out`` (trained, or resumed when a partial one is there)."""
+def trajectory_for(dataset: str, data, out: str, *, progress: bool = False, seed: int = 0, process_group=None,
+                   **overrides):
+    """The trajectory of ``dataset`` under ``out`` (trained, or resumed when a partial one is there); with a
+    ``process_group`` every rank calls this and the training is DistributedDataParallel."""
+    from ddfast.distributed import DistContext
     from ddfast.trajectory import Trajectory, train_trajectory
 
     p = preset(dataset)
     index = os.path.join(out, "trajectory.json")
-    if os.path.exists(index):
+    exists = DistContext(process_group).broadcast_object(os.path.exists(index))  # rank 0's view, before writes
+    if exists:
         traj = Trajectory.open(out)
         if getattr(traj, "complete", True):
             traj.check_data(data.train_x, data.train_y)
             return traj
     kw = {**p["traj"], **{k: v for k, v in overrides.items() if v is not None}}
     return train_trajectory(data, p["arch"], out, model_options=dict(p["model_options"]), seed=seed,
-                            resume=os.path.exists(index), progress=progress, **kw)
+                            resume=exists, progress=progress, process_group=process_group, **kw)
 
 
 def distill(dataset: str, ipc: int, *, out: str, trajectory: str | None = None, root: str | None = None,
@@ -87,11 +91,8 @@ def distill(dataset: str, ipc: int, *, out: str, trajectory: str | None = None, 
     data = load_dataset(dataset, root)
     traj_dir = trajectory or os.path.join(os.path.dirname(os.path.abspath(out)), f"trajectory-{dataset}")
     ctx = DistContext(process_group)
-    if ctx.is_main:
-        traj = trajectory_for(dataset, data, traj_dir, progress=progress)
-    ctx.barrier()  # the other ranks open the trajectory rank 0 has made
-    if not ctx.is_main:
-        traj = trajectory_for(dataset, data, traj_dir)
+    # Every rank trains a missing trajectory with DistributedDataParallel (rank 0 writes it).
+    traj = trajectory_for(dataset, data, traj_dir, progress=progress and ctx.is_main, process_group=process_group)
     cfg = EADConfig(**{**p["ead"], "ipc": ipc, **{k: v for k, v in overrides.items() if v is not None}})
     distiller = EffectAlignmentDistiller(traj, (data.train_x, data.train_y), cfg, process_group=process_group)
     if ctx.is_main:

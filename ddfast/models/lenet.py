@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,7 +20,10 @@ class LeNetFeatures(nn.Module):
         self.fc2 = nn.Linear(120, 84)
 
     def forward(self, x):
-        x = relu_max_pool2d(self.conv1(x))  # = F.max_pool2d(F.relu(·), 2), gradients included
+        # Under bf16 autocast the first convolution stays float32: with 1–3 input channels it is cheap, and
+        # its bf16 weight-gradient kernel is slower than the float32 one (README, "End-to-end speed").
+        with torch.autocast(x.device.type, enabled=False):
+            x = relu_max_pool2d(self.conv1(x.to(self.conv1.weight.dtype)))  # = F.max_pool2d(F.relu(·), 2)
         x = relu_max_pool2d(self.conv2(x))
         x = F.relu(self.fc1(x.flatten(1)))
         return F.relu(self.fc2(x))

@@ -25,7 +25,8 @@ def lenet_forward_ref(model, x: torch.Tensor) -> torch.Tensor:
     """``ddfast.models.LeNet`` forward with the pools as ``F.max_pool2d(F.relu(·), 2)`` (the model's
     parameters, the composition in place of the fused op)."""
     f = model.features
-    h = relu_max_pool2d_ref(f.conv1(x))
+    with torch.autocast(x.device.type, enabled=False):  # LeNet's first convolution stays float32 under autocast
+        h = relu_max_pool2d_ref(f.conv1(x.to(f.conv1.weight.dtype)))
     h = relu_max_pool2d_ref(f.conv2(h))
     h = F.relu(f.fc2(F.relu(f.fc1(h.flatten(1)))))
     return model.head(h)
