@@ -113,7 +113,8 @@ def _distill_krr_st(args) -> int:
 
     overrides = dict(m=args.m, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size,
                      pool_steps=args.pool_steps, widths=tuple(args.widths) if args.widths else None, init=args.init,
-                     backend=args.backend, seed=args.seed, solve_dtype=args.solve_dtype, **_pass_overrides(args))
+                     backend=args.backend, seed=args.seed, solve_dtype=args.solve_dtype, fold_bn=args.fold_bn,
+                     **_pass_overrides(args))
     krr, result, _ = distill(args.dataset, args.target, out=args.out, root=args.root, image_size=args.image_size,
                              resume=args.resume, progress=not args.no_progress,
                              checkpoint_every=args.checkpoint_every, process_group=getattr(args, "process_group", None),
@@ -471,6 +472,8 @@ def main(argv=None) -> int:
     krr.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     krr.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_pass_options(krr)
+    krr.add_argument("--fold-bn", default=None, action=argparse.BooleanOptionalAction,
+                     help="fold eval-mode BatchNorm into the convolutions of the outer loss (default: the preset)")
     krr.add_argument("--distributed", action="store_true", help="one rank of `torchrun --nproc-per-node R`")
     kt = sub.add_parser("krr-st-table", help="KRR-ST transfer (and data-free KD) table against w/o pre, Random, K-means")
     kt.add_argument("run", help="a KRR-ST run directory")
