@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "PassOptions", "autocast", "prepare_model", "prepare_images", "check_pass_options",
-           "fold_batchnorm"]
+           "check_op_precision", "fold_batchnorm"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -44,6 +44,15 @@ def check_pass_options(precision: str, channels_last, compile) -> None:
     for name, v in (("channels_last", channels_last), ("compile", compile)):
         if not isinstance(v, bool):
             raise ValueError(f"{name}: expected True or False, got {v!r}")
+
+
+def check_op_precision(precision: str, reference: bool) -> None:
+    """An op's ``precision`` argument: "fp32" | "bf16"; bf16 only on fused paths (the reference is the truth)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and reference:
+        raise ValueError("precision: 'bf16' runs on the fused path only; the reference is the float32/float64 truth "
+                         "(use backend='auto' or 'fused')")
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,6 @@ def prepare_model(model: nn.Module, options: PassOptions) -> nn.Module:
     if options.channels_last and _has_conv(model):
         model.to(memory_format=torch.channels_last)
     if options.compile:
-        # Compiled backward graphs are differentiated again by the double-backward paths (the LD
-        # reference, EAD's syn_mode="double"): AOTAutograd must not donate their saved buffers.
-        import torch._functorch.config as functorch_config
-
-        functorch_config.donated_buffer = False
         # Distillers call ``model.features`` on its own (ridge heads, KRR, the fused LD head path):
         # compile it as well as the whole model.
         features = getattr(model, "features", None)

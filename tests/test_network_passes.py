@@ -327,3 +327,9 @@ def test_parity_table_format_and_study_check(tmp_path):
         parity(["krr-st"], ["fused-fp32"], out=str(tmp_path), log=None)
     with pytest.raises(ValueError, match="studies"):
         parity(["nope"], ["fused-fp32"], out=str(tmp_path), log=None)
+
+
+def test_ld_compile_of_the_double_backward_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match="compile"):
+        LDConfig(variant="second_order", backend="reference", compile=True)
+    LDConfig(variant="rr", backend="reference", compile=True)  # first order: fine

@@ -95,6 +95,10 @@ class LDConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         check_pass_options(self.precision, self.channels_last, self.compile)
+        if self.compile and self.variant == "second_order" and self.backend == "reference":
+            raise ValueError("compile: the reference second-order path differentiates the network twice "
+                             "(create_graph=True), which torch.compile's AOTAutograd does not support; "
+                             "use backend='auto' (first-order fused path) or compile=False")
 
 
 def project_to_simplex_rows(labels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+import torch
+
 from ddfast.benchmarks.e2e import MODES, mode_options
 
 __all__ = ["STUDIES", "ld_parity", "krr_st_parity", "ead_parity", "parity", "format_parity"]
@@ -43,15 +45,14 @@ def ld_parity(dataset: str, variant: str, mode: str, *, epochs: int, models: int
 
 def krr_st_parity(mode: str, target_dir: str, out: str, *, steps: int = 300, runs: int = 2, seed: int = 0) -> dict:
     from ddfast.evaluate.transfer import TransferSettings, transfer_table
-    from ddfast.experiments.krr_st import _targets, distill, load_source, preset, settings_for_run, transfer_rows
+    from ddfast.experiments.krr_st import (_targets, distill, load_distilled, load_source, settings_for_run,
+                                           transfer_rows)
 
     opts = mode_options(mode, "krr-st")
     run = os.path.join(out, f"krr-st-{mode}")
     t0 = time.perf_counter()
     krr, result, _ = distill("mnist", target_dir, out=run, steps=steps, seed=seed, **opts)
     seconds = time.perf_counter() - t0
-    from ddfast.experiments.krr_st import load_distilled
-
     _, meta = load_distilled(run)
     settings = settings_for_run(TransferSettings(protocol="linear"), meta)
     rows = transfer_rows(run, settings=settings, kmeans=False)
@@ -62,8 +63,7 @@ def krr_st_parity(mode: str, target_dir: str, out: str, *, steps: int = 300, run
     losses = [h["loss"] for h in result.history]
     return dict(study="krr-st", variant=f"m={krr.config.m}", mode=mode, accuracy=acc, std=std,
                 final_loss=sum(losses[-20:]) / max(len(losses[-20:]), 1), iterations=result.steps,
-                seconds=seconds, seconds_per_iteration=result.seconds / max(result.steps, 1),
-                preset=preset("mnist")["widths"])
+                seconds=seconds, seconds_per_iteration=result.seconds / max(result.steps, 1))
 
 
 def ead_parity(mode: str, out: str, *, models: int = 5, seed: int = 0) -> dict:
@@ -74,8 +74,6 @@ def ead_parity(mode: str, out: str, *, models: int = 5, seed: int = 0) -> dict:
     ead, result, data = distill("digits", 10, out=os.path.join(out, f"ead-{mode}"),
                                 trajectory=os.path.join(out, "trajectory-digits"), seed=seed, **opts)
     seconds = time.perf_counter() - t0
-    import torch
-
     targets = torch.softmax(result.soft_labels, -1)
     ev = evaluate_set(make_model_factory("digits", data), result.images, targets, data, _settings(preset("digits")),
                       models=models, seed=seed)

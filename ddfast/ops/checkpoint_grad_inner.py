@@ -32,7 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, jvp
 
-from ddfast.network_passes import autocast
+from ddfast.network_passes import autocast, check_op_precision
 from ddfast.reference.checkpoint_grad_inner import (
     _split_state,
     checkpoint_grad_inner_ref,
@@ -353,8 +353,9 @@ def checkpoint_grad_inner(
             :func:`default_syn_mode`.
         chunk: process P and D_t in chunks of this many examples (bounds activation memory).
         precision: ``"fp32"`` or ``"bf16"`` (fused path only): every network pass (P, D_t, S) under bf16
-            autocast with logits cast back to the images' dtype; the inner products, the losses and
-            the S-gradients are float32 (:mod:`ddfast.network_passes`).
+            autocast with logits cast back to the images' dtype (``real_mode="ghost"`` computes the D_t
+            term in float32); the inner products, the losses and the S-gradients are float32
+            (:mod:`ddfast.network_passes`).
         backend: ``"reference"`` (double backward, :func:`checkpoint_grad_inner_ref`) or a fused
             backend name (``"auto"``, ``"fused"``, ``"cpu"``, ``"triton"``, ``"cuda"``; the name selects
             the ghost-product kernels of ``real_mode="ghost"``).
@@ -368,11 +369,8 @@ def checkpoint_grad_inner(
     if reduce not in ("sum", "none"):
         raise ValueError(f"reduce: expected 'sum' or 'none', got {reduce!r}")
     _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode)
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+    check_op_precision(precision, backend == "reference")
     if backend == "reference":
-        if precision != "fp32":
-            raise ValueError("precision: 'bf16' runs on the fused path only; the reference is the float32/float64 truth")
         r, s = checkpoint_grad_inner_ref(model, checkpoints, probe, real, images, soft_labels, label_mode)
         return (r.sum(), s.sum()) if reduce == "sum" else (r, s)
     _check_model_mode(model)

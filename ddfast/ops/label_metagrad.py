@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ddfast import dispatch as _backends
-from ddfast.network_passes import autocast
+from ddfast.network_passes import autocast, check_op_precision
 from ddfast.ops.ridge_solve import ridge_weights
 from ddfast.reference.label_metagrad import _correct, label_metagrad_ref, outer_loss
 from ddfast.reference.ridge_solve import ridge_weights_ref
@@ -350,14 +350,6 @@ def _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction):
         raise ValueError(f"inner_lr: expected α > 0, got {inner_lr}")
 
 
-def _check_precision(precision, backend_name):
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
-    if precision == "bf16" and backend_name == "reference":
-        raise ValueError("precision: 'bf16' runs on the fused path only; the reference is the float32/float64 truth "
-                         "(use backend='auto' or 'fused')")
-
-
 def _check_classes(model, x_base, C):
     with torch.no_grad():
         out = model(x_base[:1])
@@ -387,7 +379,7 @@ def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, red
     """
     _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
-    _check_precision(precision, name)
+    check_op_precision(precision, name == "reference")
     lr = float(inner_lr)
     if name == "reference":
         metagrad = lambda y: label_metagrad_ref(model, x_base, y, x_real, y_real, lr, reduction)  # noqa: E731
@@ -409,7 +401,7 @@ def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, redu
     _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
     _check_classes(model, x_base, y_soft.shape[1])
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
-    _check_precision(precision, name)
+    check_op_precision(precision, name == "reference")
     if name == "reference":
         return LabelMetagrad(*label_metagrad_ref(model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, True))
     with torch.no_grad():
