@@ -293,7 +293,7 @@ class TestReluMaxPool2dContract(OpContract):
         return relu_max_pool2d_ref(inputs["x"])
 
     def kernel(self, inputs, backend):
-        return relu_max_pool2d(inputs["x"].to(_device(backend)), backend=backend).cpu()
+        return relu_max_pool2d(inputs["x"].to(_device(backend)), backend=backend).to(inputs["x"].device)
 
     def gradcheck_fast_mode(self, backend):
         return backend == "triton"

@@ -183,7 +183,7 @@ def test_lam_per_batch_member():
 
 @pytest.mark.parametrize("backend", [backend_param("cpu"), backend_param("triton")])
 @pytest.mark.parametrize("kind", ["duplicate_rows", "rank_deficient"])
-def test_ill_conditioned_is_finite_and_warns(backend, kind):
+def test_ill_conditioned_is_finite_and_warns(backend, kind, device):
     torch.manual_seed(1)
     if kind == "duplicate_rows":
         Z = torch.randn(4, 12, 40) * 10
@@ -192,6 +192,7 @@ def test_ill_conditioned_is_finite_and_warns(backend, kind):
         Z = torch.randn(4, 12, 2) @ torch.randn(4, 2, 40) * 10
     Z[0] = torch.randn(12, 40)  # a healthy member in the same batch is not jittered
     Y = torch.randn(4, 12, 3)
+    Z, Y = Z.to(device), Y.to(device)  # CUDA tensors for triton on a GPU machine (tests/conftest.py)
     Z.requires_grad_()
     with pytest.warns(NumericalWarning, match="jitter"):
         W = ridge_weights(Z, Y, 1e-8, backend=backend)
