@@ -121,10 +121,10 @@ def test_resume_bit_identical(digits, kind, tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
 
 
-def test_backend_switch_has_no_effect(digits):
-    a = _make("dm", digits, iterations=2, backend="fused").fit()
-    b = _make("dm", digits, iterations=2, backend="reference").fit()
-    assert torch.equal(a.images, b.images)
+def test_no_backend_switch(digits):
+    # DM / DC route through no ddfast op: the configs take no ``backend``.
+    with pytest.raises(TypeError, match="backend"):
+        _make("dm", digits, backend="fused")
 
 
 # ------------------------------------------------------------------ errors
@@ -135,8 +135,6 @@ def test_bad_config(digits, kind):
     x, y, c = digits
     with pytest.raises(ValueError, match="per_class=500"):
         _make(kind, digits, ipc=500)
-    with pytest.raises(ValueError, match="backend"):
-        _make(kind, digits, backend="cuda")
     with pytest.raises(ValueError, match="real_batch"):
         _make(kind, digits, real_batch=0)
     cls = DMDistiller if kind == "dm" else DCDistiller

@@ -1,36 +1,37 @@
-"""What the image distillers (DM, DC, TM/DATM, SRe2L/DWA) share: the result, the fit loop, checkpoints.
+"""What the image distillers (DM, DC, TM/DATM, SRe2L/DWA) share: the result, the synthetic set, its state.
 
-A distiller subclasses :class:`ImageDistiller` and implements ``step() -> dict`` (one synthesis
-iteration; returns at least ``{"loss": float}``) plus ``_extra_state()`` / ``_load_extra_state(state)`` for
-whatever it owns beyond the synthetic images, labels, their optimisers and the generator. ``fit`` runs to
-``config.iterations`` with a tqdm bar and atomic checkpoints (``out_dir/checkpoint.safetensors``); a resumed
-run continues bit-identically. Synthetic sets start from class-balanced real images (``init="real"``) or
-Gaussian noise (``init="noise"``).
+A distiller subclasses :class:`ImageDistiller` (itself a :class:`ddfast.distill.base.Distiller`, which
+owns the fit loop) and implements ``step() -> dict`` (one synthesis iteration; returns at least
+``{"loss": float}``) plus ``_extra_state()`` / ``_load_extra_state(state)`` for whatever it owns beyond
+the synthetic images, labels, their optimisers and the generator, and ``_replicated_extra()`` for the
+live tensors among them that a distributed run broadcasts at the start. ``fit`` runs to
+``config.iterations`` with a tqdm bar and atomic checkpoints (``out_dir/checkpoint.safetensors``); a
+resumed run continues bit-identically. Synthetic sets start from class-balanced real images
+(``init="real"``) or Gaussian noise (``init="noise"``).
+
+``process_group=``: the synthetic set, its optimisers and the generator are replicated (checked and
+broadcast from rank 0 at the start), rank 0 alone writes checkpoints and shows progress. DM shards its
+real batch over the ranks (:func:`ddfast.distill.dm.dm_loss`); DC, TM/DATM and SRe2L/DWA compute their
+step whole on every rank (the same result; no speed-up).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ddfast.artifacts import load_state, save_state
 from ddfast.data.datasets import balanced_subset
+from ddfast.distill.base import Distiller
+from ddfast.distributed import optimizer_state_tensors
 
 __all__ = ["ImageDistillResult", "ImageDistiller", "check_train", "check_common_config"]
 
-BACKENDS = ("auto", "reference", "fused")  # these methods route through no kernel: the switch is for API uniformity
-
-
 def check_common_config(cfg, families_field: str | None = "dsa_families") -> None:
-    """Validate the fields the image distillers share: ``backend``, ``init`` and the DSA families."""
+    """Validate the fields the image distillers share: ``init`` and the DSA families."""
     from ddfast.evaluate.transfer import DSA_FAMILIES
 
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
     if cfg.init not in ("real", "noise"):
         raise ValueError(f"init: expected 'real' or 'noise', got {cfg.init!r}")
     if families_field is not None:
@@ -59,7 +60,7 @@ def check_train(x, y, name: str = "train"):
         raise ValueError(f"{name}: empty training set")
 
 
-class ImageDistiller:
+class ImageDistiller(Distiller):
     """Base of the image distillers: synthetic ``images`` (ipc per class) and ``labels`` (class-major).
 
     Subclasses set ``self.config`` (a dataclass with at least ``ipc``, ``iterations``, ``lr_images``,
@@ -67,14 +68,15 @@ class ImageDistiller:
     """
 
     method = "image"
+    checkpoint_every = 50
 
-    def _init_synthetic(self, x, y, num_classes: int):
+    def _init_synthetic(self, x, y, num_classes: int, process_group=None):
         cfg = self.config
         check_train(x, y)
         if int(cfg.ipc) < 1:
             raise ValueError(f"ipc: expected a positive integer, got {cfg.ipc!r}")
         self.x, self.y, self.num_classes = x, y, int(num_classes)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._init_run(cfg.seed, process_group)
         self.init_indices = balanced_subset(y, cfg.ipc, seed=cfg.seed, num_classes=self.num_classes)
         if getattr(cfg, "init", "real") == "noise":
             images = torch.randn((self.init_indices.numel(),) + tuple(x.shape[1:]), generator=self.generator, dtype=x.dtype)
@@ -84,8 +86,6 @@ class ImageDistiller:
         self.labels = torch.arange(self.num_classes).repeat_interleave(cfg.ipc)
         self.image_opt = torch.optim.SGD([self.images], lr=cfg.lr_images, momentum=0.5)
         self.iteration = 0
-        self.history: list[dict] = []
-        self.seconds = 0.0
 
     def _init_class_sampling(self, make_model, widths, norm) -> None:
         """Default network (ConvNet of ``widths``/``norm``) and per-class index lists for :meth:`sample_real`."""
@@ -116,37 +116,32 @@ class ImageDistiller:
     def result_labels(self) -> torch.Tensor:
         return self.labels.clone()
 
-    # shared -----------------------------------------------------------------------------------
-    def fit(self, out_dir: str | None = None, resume: bool = False, progress: bool = False,
-            checkpoint_every: int = 50, callback=None) -> ImageDistillResult:
-        ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
-        if resume and ckpt and os.path.exists(ckpt):
-            self.load_state_dict(load_state(ckpt))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+    # the loop (ddfast.distill.base) -------------------------------------------------------------
+    def position(self) -> int:
+        return self.iteration
 
-            bar = tqdm(total=self.config.iterations, initial=self.iteration, desc=self.method, unit="it",
-                       dynamic_ncols=True)
-        try:
-            while self.iteration < self.config.iterations:
-                t0 = time.perf_counter()
-                rec = self.step()
-                self.iteration += 1
-                rec = {"iteration": self.iteration, **rec}
-                self.history.append(rec)
-                self.seconds += time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}")
-                if callback is not None:
-                    callback(self, rec)
-                if ckpt and (self.iteration % checkpoint_every == 0 or self.iteration == self.config.iterations):
-                    save_state(ckpt, self.state_dict())
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.result()
+    def total(self) -> int:
+        return int(self.config.iterations)
+
+    def advance(self, bar) -> dict:
+        rec = self.step()
+        self.iteration += 1
+        rec = {"iteration": self.iteration, **rec}
+        self.history.append(rec)
+        self._tick(bar, rec)
+        return rec
+
+    def dist_info(self) -> dict:
+        return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+                "data": {"x": list(self.x.shape), "dtype": str(self.x.dtype), "num_classes": self.num_classes},
+                "state": {"iteration": self.iteration}}
+
+    def replicated_tensors(self) -> list[torch.Tensor]:
+        return [self.images, *optimizer_state_tensors(self.image_opt), *self._replicated_extra()]
+
+    def _replicated_extra(self) -> list[torch.Tensor]:
+        """Live tensors a subclass owns beyond the images (learned labels, learning rate, their optimisers)."""
+        return []
 
     def result(self) -> ImageDistillResult:
         return ImageDistillResult(images=self.images.detach().clone(), labels=self.result_labels(),
@@ -172,3 +167,4 @@ class ImageDistiller:
         self.seconds = float(state["counters"]["seconds"])
         self.history = json.loads(state["history"])
         self._load_extra_state(state.get("extra", {}))
+        self._dist_synced = False

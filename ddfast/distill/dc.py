@@ -27,8 +27,6 @@ Details:
   and DSA on the synthetic set in the inner loop), as in the DSA code; the default is plain DC.
 * With ``norm="batch"`` the per-class batches are normalised with their own statistics (the DC code's
   freezing of BatchNorm statistics is not reproduced); the default network uses instance norm.
-* ``backend``: DC routes through no shared ddfast op; the switch is accepted for API uniformity and
-  has no effect.
 """
 
 from __future__ import annotations
@@ -66,7 +64,6 @@ class DCConfig:
     widths: tuple[int, ...] = (64, 128)  # default ConvNet (instance norm)
     norm: str = "instance"
     init: str = "real"  # "real" | "noise"
-    backend: str = "auto"  # no effect (no shared op)
     seed: int = 0
 
     def __post_init__(self):
@@ -164,7 +161,7 @@ class DCDistiller(ImageDistiller):
     method = "dc"
 
     def __init__(self, train, num_classes: int, config: DCConfig | None = None,
-                 make_model: Callable[[], nn.Module] | None = None):
+                 make_model: Callable[[], nn.Module] | None = None, *, process_group=None):
         self.config = cfg = config or DCConfig()
         check_common_config(cfg)
         if cfg.bias not in BIAS_MODES:
@@ -175,7 +172,7 @@ class DCDistiller(ImageDistiller):
         if int(cfg.inner_loop) < 0:
             raise ValueError(f"inner_loop: expected a non-negative integer, got {cfg.inner_loop!r}")
         x, y = train
-        self._init_synthetic(x, y, num_classes)
+        self._init_synthetic(x, y, num_classes, process_group)
         self._init_class_sampling(make_model, cfg.widths, cfg.norm)
 
     def step(self) -> dict:

@@ -18,8 +18,6 @@ Details:
   resumed run continues bit-identically; nothing but the generator carries over between iterations.
 * ``lr_images``: the DM code uses 1.0 on CIFAR's mean/std-normalised images with a 2048-dim feature;
   on digits (8×8, ConvNet widths 64-128, a 512-dim feature) 1.0 also works (default).
-* ``backend``: DM routes through no shared ddfast op; the switch is accepted for API uniformity and
-  has no effect.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddfast.distill.common import BACKENDS, ImageDistiller, check_common_config  # noqa: F401 (BACKENDS re-exported)
+from ddfast.distill.common import ImageDistiller, check_common_config
 from ddfast.evaluate.transfer import DSA_FAMILIES, dsa_augment
 
 __all__ = ["DMConfig", "DMDistiller", "dm_loss"]
@@ -50,7 +48,6 @@ class DMConfig:
     widths: tuple[int, ...] = (64, 128)  # default ConvNet (instance norm)
     norm: str = "instance"
     init: str = "real"  # "real" | "noise"
-    backend: str = "auto"  # no effect (no shared op)
     seed: int = 0
 
     def __post_init__(self):
@@ -144,13 +141,13 @@ class DMDistiller(ImageDistiller):
     method = "dm"
 
     def __init__(self, train, num_classes: int, config: DMConfig | None = None,
-                 make_model: Callable[[], nn.Module] | None = None):
+                 make_model: Callable[[], nn.Module] | None = None, *, process_group=None):
         self.config = cfg = config or DMConfig()
         check_common_config(cfg)
         if int(cfg.real_batch) < 1:
             raise ValueError(f"real_batch: expected a positive integer, got {cfg.real_batch!r}")
         x, y = train
-        self._init_synthetic(x, y, num_classes)
+        self._init_synthetic(x, y, num_classes, process_group)
         self._init_class_sampling(make_model, cfg.widths, cfg.norm)
 
     def step(self) -> dict:

@@ -23,16 +23,14 @@ fused op streams checkpoints from disk and never takes a double backward).
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
-from ddfast.artifacts import load_state, save_state
 from ddfast.data.datasets import balanced_subset
-from ddfast.distributed import DistContext, optimizer_state_tensors, shard
+from ddfast.distill.base import Distiller
+from ddfast.distributed import optimizer_state_tensors, shard
 from ddfast.network_passes import PassOptions, check_pass_options, prepare_images, prepare_model
 from ddfast.ops.checkpoint_grad_inner import checkpoint_grad_inner, effect_alignment_loss, replacement_alpha
 
@@ -86,8 +84,12 @@ def _check_images(name, x):
         raise ValueError(f"{name}: expected images [N, c, h, w], got {tuple(x.shape)}")
 
 
-class EffectAlignmentDistiller:
+class EffectAlignmentDistiller(Distiller):
     """EAD on a saved trajectory.
+
+    ``fit(out_dir=, resume=, progress=, checkpoint_every=25, callback=)`` (:class:`ddfast.distill.base.Distiller`)
+    runs to ``config.iterations``; a resumed run continues bit-identically, also with another number of
+    ranks (``callback`` runs on every rank).
 
     Args:
         trajectory: a :class:`ddfast.trajectory.Trajectory` of a network trained on ``train``.
@@ -100,6 +102,9 @@ class EffectAlignmentDistiller:
             (the probe gradient v_t is needed whole, so P is not split). The scalar sums of eq. 7 are
             all-reduced before |·|, then the S-gradients (:mod:`ddfast.distributed`).
     """
+
+    method = "EAD"
+    checkpoint_every = 25
 
     def __init__(self, trajectory, train, config: EADConfig | None = None, *, process_group=None):
         self.config = cfg = config or EADConfig()
@@ -137,9 +142,7 @@ class EffectAlignmentDistiller:
         x = prepare_images(x, self.passes)  # converted once: the real set never changes
         self._checkpoint_cache: dict[int, dict] = {}
         self.x, self.y = x, y
-        self.dist = DistContext(process_group)
-        self._dist_synced = False
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._init_run(cfg.seed, process_group)
         # Initialisation: ipc class-balanced real images, soft labels from the final checkpoint.
         self.init_indices = balanced_subset(y, cfg.ipc, seed=cfg.seed, num_classes=self.num_classes)
         self.images = prepare_images(x[self.init_indices].clone(), self.passes).requires_grad_(True)
@@ -156,8 +159,6 @@ class EffectAlignmentDistiller:
         alpha = 0.0 if cfg.objective == "normalised" else replacement_alpha(x.shape[0], x.shape[0], n_syn)
         self.coefficient = 1.0 - alpha
         self.iteration = 0
-        self.history: list[dict] = []
-        self.seconds = 0.0
 
     @staticmethod
     def load_checkpoint(model: nn.Module, state) -> None:
@@ -216,39 +217,16 @@ class EffectAlignmentDistiller:
         self.history.append(rec)
         return rec
 
-    def fit(self, out_dir: str | None = None, resume: bool = False, progress: bool = False,
-            checkpoint_every: int = 25, callback=None) -> EADResult:
-        """Run (or, with ``resume``, continue) to ``config.iterations``; checkpoints atomically to
-        ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` iterations (bit-identical resume).
-        Distributed: every rank loads the same checkpoint, only rank 0 writes it and shows progress
-        (``callback`` runs on every rank); the state does not depend on R, so a run may resume with
-        another number of ranks."""
-        ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
-        if resume and ckpt and os.path.exists(ckpt):
-            self.load_state_dict(load_state(ckpt))
-        self._dist_start()
-        bar = None
-        if progress and self.dist.is_main:
-            from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ the loop (ddfast.distill.base)
 
-            bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="EAD", unit="it", dynamic_ncols=True)
-        try:
-            while self.iteration < self.config.iterations:
-                t0 = time.perf_counter()
-                rec = self.step()
-                self.seconds += time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3g}")
-                if callback is not None:
-                    callback(self, rec)
-                if ckpt and self.dist.is_main and (self.iteration % checkpoint_every == 0
-                                                   or self.iteration == self.config.iterations):
-                    save_state(ckpt, self.state_dict())
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.result()
+    def position(self) -> int:
+        return self.iteration
+
+    def total(self) -> int:
+        return int(self.config.iterations)
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['loss']:.3g}"}
 
     def result(self) -> EADResult:
         return EADResult(
@@ -260,22 +238,19 @@ class EffectAlignmentDistiller:
 
     # ------------------------------------------------------------------ distributed
 
-    def _dist_start(self) -> None:
-        """Once per run (again after a resume): check that every rank has the same configuration, data,
-        trajectory and progress, then broadcast rank 0's replicated state (S, optimizers, RNG)."""
-        if not self.dist.active or self._dist_synced:
-            return
-        self.dist.check_consistent({
+    def dist_info(self) -> dict:
+        return {
             "config": asdict(self.config),
             "data": {"x": list(self.x.shape), "dtype": str(self.x.dtype), "checkpoints": len(self.trajectory)},
             "state": {"iteration": self.iteration},
-        })
-        tensors = [self.images.detach(), self.labels.detach(), *optimizer_state_tensors(self.image_opt)]
+        }
+
+    def replicated_tensors(self) -> list[torch.Tensor]:
+        """S (images, labels) and its optimizers (the generator is broadcast by the base)."""
+        tensors = [self.images, self.labels, *optimizer_state_tensors(self.image_opt)]
         if self.label_opt is not None:
             tensors += optimizer_state_tensors(self.label_opt)
-        self.dist.broadcast_(tensors)
-        self.dist.broadcast_generator_(self.generator)
-        self._dist_synced = True
+        return tensors
 
     def _dist_work(self, ts, images, labels, d_idx):
         """This rank's share of one iteration: ``(checkpoints, images, labels, real indices, (w_r, w_s))``.

@@ -18,8 +18,6 @@ g_φ(X_t) never changes: it is computed once for the whole training set and cach
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
@@ -27,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddfast.artifacts import load_state, save_state
-from ddfast.distributed import DistContext, optimizer_state_tensors
+from ddfast.distill.base import Distiller
+from ddfast.distributed import optimizer_state_tensors
 from ddfast.models import build_model
 from ddfast.network_passes import (PassOptions, autocast, check_pass_options, fold_batchnorm, prepare_images,
                                    prepare_model)
@@ -223,8 +221,13 @@ class ModelPool:
         self.resets = int(state["resets"])
 
 
-class KRRSTDistiller:
+class KRRSTDistiller(Distiller):
     """KRR-ST (Algorithm 1) on unlabeled images.
+
+    ``fit(out_dir=, resume=, progress=, checkpoint_every=100, callback=)`` (:class:`ddfast.distill.base.Distiller`)
+    initialises the pool, then runs to ``config.steps`` meta-steps; a checkpoint (X_s, Y_s, optimiser, pool,
+    RNG) is written after the pool and every ``checkpoint_every`` steps; a resumed run continues
+    bit-identically, also with another number of ranks.
 
     Args:
         x_train: X_t ``[n, c, h, w]`` normalised images (labels are never used).
@@ -240,6 +243,10 @@ class KRRSTDistiller:
             its rows of the real batch b (eq. 4's mean is a sum over rows scaled by 1/(b·d_y)) and the
             gradients of X_s, Y_s are all-reduced (:mod:`ddfast.distributed`).
     """
+
+    method = "KRR-ST"
+    unit = "step"
+    checkpoint_every = 100
 
     def __init__(self, x_train: torch.Tensor, target=None, config: KRRSTConfig | None = None, *,
                  train_targets: torch.Tensor | None = None, make_model: Callable[[], nn.Module] | None = None,
@@ -267,9 +274,7 @@ class KRRSTDistiller:
         options = {"widths": config.widths, "norm": config.norm} if config.arch == "convnet" else {}
         self._make_net = make_model or (lambda: build_model(config.arch, c, self.out_dim, h, **options))
         self.solve_dtype = getattr(torch, config.solve_dtype) if config.solve_dtype else None
-        self.dist = DistContext(process_group)
-        self._dist_synced = False
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self._init_run(config.seed, process_group)
 
         # Algorithm 1 lines 3–4: X_s a random subset, Y_s = g_φ(X_s) (or N(0, I) for "w/o init").
         self.init_indices = torch.randperm(n, generator=self.generator)[: config.m]
@@ -285,8 +290,6 @@ class KRRSTDistiller:
         self.pool = ModelPool(self.make_model, config.pool_size, config.pool_steps, config.pool_lr,
                               config.pool_momentum, config.pool_wd, self.generator, config.precision)
         self.step_count = 0
-        self.history: list[dict] = []
-        self.seconds = 0.0
 
     def make_model(self) -> nn.Module:
         return prepare_model(self._make_net().to(self.x_train.dtype), self.passes)
@@ -329,47 +332,28 @@ class KRRSTDistiller:
         self.history.append({"step": self.step_count, "loss": value, "model": idx})
         return value
 
-    def fit(self, out_dir: str | None = None, resume: bool = False, progress: bool = False,
-            checkpoint_every: int = 100) -> KRRSTResult:
-        """Run (or, with ``resume``, continue) to ``config.steps`` meta-steps.
+    # ------------------------------------------------------------------ the loop (ddfast.distill.base)
 
-        With ``out_dir`` a checkpoint (X_s, Y_s, optimiser, pool, RNG) is written atomically every
-        ``checkpoint_every`` steps and at the end; a resumed run continues bit-identically. Distributed:
-        every rank loads the same checkpoint, only rank 0 writes it and shows progress; the state does
-        not depend on the number of ranks, so a run may resume with another R.
-        """
-        ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
-        if resume and ckpt and os.path.exists(ckpt):
-            self.load_state_dict(load_state(ckpt))
-        self._dist_start()
-        bar = None
-        if progress and self.dist.is_main:
-            from tqdm.auto import tqdm
+    def position(self) -> int:
+        return self.step_count
 
-            bar = tqdm(total=self.config.steps, initial=self.step_count, desc="KRR-ST", unit="step", dynamic_ncols=True)
-        try:
-            if not self.pool.models:
-                t0 = time.perf_counter()
-                if bar is not None:
-                    bar.set_postfix_str("initialising the model pool")
-                self.initialize_pool()
-                self.seconds += time.perf_counter() - t0
-                if ckpt and self.dist.is_main:
-                    save_state(ckpt, self.state_dict())
-            while self.step_count < self.config.steps:
-                t0 = time.perf_counter()
-                loss = self.step()
-                self.seconds += time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4g}")
-                if ckpt and self.dist.is_main and (self.step_count % checkpoint_every == 0
-                                                   or self.step_count == self.config.steps):
-                    save_state(ckpt, self.state_dict())
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.result()
+    def total(self) -> int:
+        return int(self.config.steps)
+
+    def setup(self, bar) -> bool:
+        """Line 5 (the model pool) unless a resumed checkpoint holds it."""
+        if self.pool.models:
+            return False
+        if bar is not None:
+            bar.set_postfix_str("initialising the model pool")
+        self.initialize_pool()
+        return True
+
+    def advance(self, bar) -> dict:
+        self.step()
+        record = self.history[-1]
+        self._tick(bar, record)
+        return record
 
     def result(self) -> KRRSTResult:
         return KRRSTResult(images=self.images.detach().clone(), targets=self.targets.detach().clone(),
@@ -378,23 +362,20 @@ class KRRSTDistiller:
 
     # ------------------------------------------------------------------ distributed
 
-    def _dist_start(self) -> None:
-        """Once per run (again after a resume): check that every rank has the same configuration, data
-        shapes and progress, then broadcast rank 0's replicated state (X_s, Y_s, optimizer, RNG, pool)."""
-        if not self.dist.active or self._dist_synced:
-            return
-        self.dist.check_consistent({
+    def dist_info(self) -> dict:
+        return {
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
             "data": {"x_train": list(self.x_train.shape), "train_targets": list(self.train_targets.shape),
                      "dtype": str(self.x_train.dtype)},
             "state": {"step": self.step_count, "pool": len(self.pool.models), "pool_resets": self.pool.resets},
-        })
-        tensors = [self.images.detach(), self.targets.detach(), *optimizer_state_tensors(self.optimizer)]
+        }
+
+    def replicated_tensors(self) -> list[torch.Tensor]:
+        """X_s, Y_s, the optimizer and the pool (the generator is broadcast by the base)."""
+        tensors = [self.images, self.targets, *optimizer_state_tensors(self.optimizer)]
         for model, opt in zip(self.pool.models, self.pool.optimizers):
             tensors += [*model.state_dict().values(), *optimizer_state_tensors(opt)]
-        self.dist.broadcast_(tensors)
-        self.dist.broadcast_generator_(self.generator)
-        self._dist_synced = True
+        return tensors
 
     def _real_rows(self, real: torch.Tensor) -> tuple[torch.Tensor, float]:
         """This rank's rows of the real batch indices and its weight b_local / b in eq. 4's mean."""

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -37,8 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddfast.artifacts import load_state, save_state, write_json_atomic
-from ddfast.distributed import DistContext, optimizer_state_tensors
+from ddfast.distill.base import Distiller
+from ddfast.distributed import optimizer_state_tensors
 from ddfast.evaluate.train import EvalResult, TrainSettings, accuracy, evaluate_labels, make_optimizers, train_on_labels
 from ddfast.models import build_model
 from ddfast.models.ridge_head import RidgeClassifier
@@ -128,8 +126,12 @@ class LDResult:
     seconds: float = 0.0
 
 
-class LabelDistiller:
+class LabelDistiller(Distiller):
     """LD / LD-RR on fixed base examples (Algorithm 1).
+
+    ``fit(out_dir=, resume=, progress=, checkpoint_every=1, callback=)`` (:class:`ddfast.distill.base.Distiller`)
+    runs ``config.epochs`` epochs, checkpointing every ``checkpoint_every`` epochs; a resumed run continues
+    bit-identically, also with another number of ranks.
 
     Args:
         base_images: x̃ ``[N, c, h, w]`` (normalised like the real data).
@@ -144,6 +146,8 @@ class LabelDistiller:
             the real minibatch N_o (the outer loss is a sum over rows scaled by 1/N_o, the label gradient
             and the correct count are all-reduced) and of the validation split (:mod:`ddfast.distributed`).
     """
+
+    checkpoint_every = 1  # epochs
 
     def __init__(self, base_images, train, val, num_classes: int, config: LDConfig | None = None,
                  make_model: Callable[[], nn.Module] | None = None, *, process_group=None):
@@ -182,10 +186,9 @@ class LabelDistiller:
             ridge_lambda=config.ridge_lambda, calibration_lr=config.calibration_lr, backend=config.backend,
             precision=config.precision,
         )
-        self.dist = DistContext(process_group)
-        self._dist_synced = False
+        self._init_run(config.seed, process_group)
+        self.method = f"LD {config.variant}"
         self._outer = None  # distributed: (global real-batch size, this rank's weight n_local / N)
-        self.generator = torch.Generator().manual_seed(config.seed)
         dtype = base_images.dtype
         self.labels = torch.full((n, num_classes), 1.0 / num_classes, dtype=dtype)
         self.labels.requires_grad_(True)
@@ -198,8 +201,6 @@ class LabelDistiller:
         self.best_labels = self.labels.detach().clone()
         self.best_steps = 1
         self.best_calibration = 1.0
-        self.history: list[dict] = []
-        self.seconds = 0.0
         self._reset_model()
 
     # ------------------------------------------------------------------ model state
@@ -370,36 +371,22 @@ class LabelDistiller:
         if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
             self.validate()
 
-    def fit(self, out_dir: str | None = None, resume: bool = False, progress: bool = False,
-            checkpoint_every: int = 1) -> LDResult:
-        """Run (or, with ``resume``, continue) distillation for ``config.epochs`` epochs.
+    # ------------------------------------------------------------------ the loop (ddfast.distill.base)
 
-        With ``out_dir`` a checkpoint is written atomically every ``checkpoint_every`` epochs; a resumed
-        run continues bit-identically (all RNG and optimizer state is saved). Distributed: every rank
-        loads the same checkpoint, only rank 0 writes it and shows progress; the state does not depend on
-        the number of ranks, so a run may resume with another R.
-        """
-        ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
-        if resume and ckpt and os.path.exists(ckpt):
-            self.load_state_dict(load_state(ckpt))
-        self._dist_start()
-        bar = None
-        if progress and self.dist.is_main:
-            from tqdm.auto import tqdm
+    def position(self) -> int:
+        return self.epoch
 
-            bar = tqdm(total=self.config.epochs * self.iterations_per_epoch(), initial=self.iteration,
-                       desc=f"LD {self.config.variant}", unit="it", dynamic_ncols=True)
-        try:
-            while self.epoch < self.config.epochs:
-                t0 = time.perf_counter()
-                self.run_epoch(bar)
-                self.seconds += time.perf_counter() - t0
-                if ckpt and self.dist.is_main and (self.epoch % checkpoint_every == 0 or self.epoch == self.config.epochs):
-                    save_state(ckpt, self.state_dict())
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.result()
+    def total(self) -> int:
+        return int(self.config.epochs)
+
+    def bar_counts(self) -> tuple[int, int]:
+        return self.config.epochs * self.iterations_per_epoch(), self.iteration
+
+    def advance(self, bar) -> dict:
+        """One epoch (the checkpoint unit); the bar advances per meta-iteration."""
+        self.run_epoch(bar)
+        return {"epoch": self.epoch, "iteration": self.iteration, "resets": self.resets,
+                "val_accuracy": self.best_val_acc}
 
     def result(self) -> LDResult:
         return LDResult(
@@ -418,25 +405,22 @@ class LabelDistiller:
 
     # ------------------------------------------------------------------ distributed
 
-    def _dist_start(self):
-        """Once per run (again after a resume): check that every rank has the same configuration, data
-        shapes and progress, then broadcast rank 0's replicated state (labels, model, optimizers, RNG)."""
-        if not self.dist.active or self._dist_synced:
-            return
-        self.dist.check_consistent({
+    def dist_info(self) -> dict:
+        return {
             "config": asdict(self.config),
             "data": {"base_images": list(self.base_images.shape), "train": list(self.x_train.shape),
                      "val": list(self.x_val.shape), "num_classes": self.num_classes,
                      "dtype": str(self.base_images.dtype)},
             "state": {"epoch": self.epoch, "iteration": self.iteration, "resets": self.resets},
-        })
-        tensors = [self.labels.detach(), self.best_labels, *optimizer_state_tensors(self.label_opt),
+        }
+
+    def replicated_tensors(self) -> list[torch.Tensor]:
+        """Labels, model, optimizers (the generator is broadcast by the base)."""
+        tensors = [self.labels, self.best_labels, *optimizer_state_tensors(self.label_opt),
                    *self.model.state_dict().values()]
         for opt in self.optimizers:
             tensors += optimizer_state_tensors(opt)
-        self.dist.broadcast_(tensors)
-        self.dist.broadcast_generator_(self.generator)
-        self._dist_synced = True
+        return tensors
 
     def _outer_rows(self, x_real, y_real, global_batch):
         """This rank's rows of the real minibatch; records (N, n_local / N) for :meth:`_outer_reduce`."""

@@ -27,9 +27,6 @@ teacher itself never changes.
 Relabel: the synthetic images are scored by the teacher; :func:`relabel` returns its logits, which the
 result carries as ``soft_labels`` for the SL / SL+KD evaluation regimes (supplement §2, Tab. 1), while
 ``labels`` stay the class-major hard labels.
-
-``backend`` is accepted for API uniformity with the other distillers; no shared op is routed here, so the
-switch has no effect for this method.
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ __all__ = ["SRe2LConfig", "SRe2LResult", "SRe2LDistiller", "DWADistiller", "METH
            "bn_matching_loss", "sre2l_loss", "dwa_perturb", "relabel", "train_teacher"]
 
 METHODS = ("sre2l", "dwa")
-_BACKENDS = ("auto", "reference", "fused")
 
 
 @dataclass
@@ -77,7 +73,6 @@ class SRe2LConfig:
     flip: bool = False  # random horizontal flips (off for digits)
     clip: bool = True  # clip pixels to the real per-channel [min, max]
     teacher_epochs: int = 15  # used only when no teacher is passed
-    backend: str = "auto"  # accepted for API uniformity; no effect for this method
     seed: int = 0
 
 
@@ -350,14 +345,12 @@ class SRe2LDistiller(ImageDistiller):
     method = "sre2l"
 
     def __init__(self, train, num_classes: int, config: SRe2LConfig | None = None, make_model=None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, *, process_group=None):
         cfg = config if config is not None else SRe2LConfig()
         if not isinstance(cfg, SRe2LConfig):
             raise TypeError(f"config: expected an SRe2LConfig, got {type(cfg).__name__}")
         if cfg.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {cfg.method!r}")
-        if cfg.backend not in _BACKENDS:
-            raise ValueError(f"backend: expected one of {_BACKENDS}, got {cfg.backend!r}")
         if cfg.init not in ("real", "noise"):
             raise ValueError(f"init: expected 'real' or 'noise', got {cfg.init!r}")
         if cfg.lr_schedule not in ("cosine", "constant"):
@@ -370,7 +363,7 @@ class SRe2LDistiller(ImageDistiller):
         if not isinstance(train, (tuple, list)) or len(train) != 2:
             raise ValueError("train: expected a tuple (x, y)")
         x, y = train
-        self._init_synthetic(x, y, num_classes)
+        self._init_synthetic(x, y, num_classes, process_group)
         if teacher is None:
             teacher = train_teacher((x, y), epochs=cfg.teacher_epochs, num_classes=self.num_classes,
                                     make_model=make_model, seed=cfg.seed)
@@ -431,6 +424,9 @@ class SRe2LDistiller(ImageDistiller):
         base = super().result()
         return SRe2LResult(**{f: getattr(base, f) for f in base.__dataclass_fields__}, soft_labels=self.soft_labels())
 
+    def _replicated_extra(self) -> list[torch.Tensor]:
+        return [*self.teacher.state_dict().values()]
+
     def _extra_state(self) -> dict:
         return {"teacher_fingerprint": self.teacher_fingerprint, "method": self.config.method}
 
@@ -448,6 +444,6 @@ class DWADistiller(SRe2LDistiller):
     method = "dwa"
 
     def __init__(self, train, num_classes: int, config: SRe2LConfig | None = None, make_model=None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, *, process_group=None):
         cfg = replace(config if config is not None else SRe2LConfig(), method="dwa")
-        super().__init__(train, num_classes, cfg, make_model=make_model, teacher=teacher)
+        super().__init__(train, num_classes, cfg, make_model=make_model, teacher=teacher, process_group=process_group)

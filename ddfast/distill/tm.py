@@ -18,9 +18,6 @@ is back-propagated through the unrolled steps to the images, to α and, for DATM
 
 Note: a "step" of the expert here is one stored checkpoint (``every`` SGD steps of the expert run,
 ``traj.index["steps_per_epoch"]`` steps per epoch), where MTT counts epochs.
-
-``backend`` is accepted for uniformity with the other distillers; TM routes through no shared op
-(the unrolled inner loop is plain autograd), so the switch has no effect for this method.
 """
 
 from __future__ import annotations
@@ -36,13 +33,13 @@ from torch.func import functional_call
 
 from ddfast.data.datasets import balanced_subset
 from ddfast.distill.common import ImageDistiller
+from ddfast.distributed import optimizer_state_tensors
 from ddfast.evaluate.transfer import DSA_FAMILIES, dsa_augment
 from ddfast.trajectory import Trajectory
 
 __all__ = ["TMConfig", "TMDistiller", "tm_loss", "datm_config", "flat_parameters", "LR_PARAMETERISATIONS"]
 
 LR_PARAMETERISATIONS = ("plain", "log")
-BACKENDS = ("auto", "reference", "fused")
 
 
 @dataclass
@@ -71,7 +68,6 @@ class TMConfig:
     dsa: bool = True
     dsa_families: tuple = DSA_FAMILIES
     init: str = "real"  # "real" | "noise"
-    backend: str = "auto"  # no effect: TM uses no shared op
     seed: int = 0
 
 
@@ -248,11 +244,10 @@ class TMDistiller(ImageDistiller):
 
     method = "tm"
 
-    def __init__(self, train, num_classes: int, config: TMConfig | None = None, make_model=None, *, trajectories=None):
+    def __init__(self, train, num_classes: int, config: TMConfig | None = None, make_model=None, *, trajectories=None,
+                 process_group=None):
         self.config = cfg = config or TMConfig()
         self.trajectories = _as_trajectories(trajectories)
-        if cfg.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
         if cfg.lr_parameterisation not in LR_PARAMETERISATIONS:
             raise ValueError(f"lr_parameterisation: expected one of {LR_PARAMETERISATIONS}, "
                              f"got {cfg.lr_parameterisation!r}")
@@ -290,7 +285,7 @@ class TMDistiller(ImageDistiller):
             want = (ix.get("in_channels"), ix.get("image_size"), ix.get("image_size"))
             if None not in want and tuple(x.shape[1:]) != want:
                 raise ValueError(f"train x: images {tuple(x.shape[1:])}, the experts take {want}")
-        self._init_synthetic(x, y, num_classes)
+        self._init_synthetic(x, y, num_classes, process_group)
         self.model = self.model.to(x.dtype)
         if cfg.correct_init or cfg.soft_labels:
             final = self.model
@@ -340,6 +335,15 @@ class TMDistiller(ImageDistiller):
         if self.soft_labels is not None:
             return self.soft_labels.detach().clone()
         return self.labels.clone()
+
+    def _replicated_extra(self) -> list[torch.Tensor]:
+        out = [self.lr_param]
+        for t, opt in ((None, self.lr_opt), (self.soft_labels, self.label_opt)):
+            if t is not None:
+                out.append(t)
+            if opt is not None:
+                out += optimizer_state_tensors(opt)
+        return out
 
     def _extra_state(self) -> dict:
         state = {"lr_param": self.lr_param.detach().clone()}
