@@ -173,3 +173,15 @@ class OpContract:
         atol_rel, rtol = TOLERANCES[torch.float64]
         scale = max(ref.abs().max().item(), 1.0)
         torch.testing.assert_close(out.to(ref.device), ref, atol=atol_rel * scale, rtol=rtol)
+
+
+def assert_parity(what: str, got: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor) -> None:
+    """The float32 rule of this suite for one tensor: ``got``'s error against the float64 reference is at
+    most k × (the float32 reference's error) + atol·max|ref| — (2, 2e-5) on CPU tensors, the
+    TOLERANCES_CUDA row on CUDA tensors."""
+    mult, atol_rel = TOLERANCES_CUDA[torch.float32] if got.device.type == "cuda" else (2.0, TOLERANCES[torch.float32][0])
+    assert torch.isfinite(got).all(), f"{what}: non-finite"
+    err_k = (got.double().to(ref64.device) - ref64).abs().max().item()
+    err_r = (ref32.double().to(ref64.device) - ref64).abs().max().item()
+    atol = atol_rel * max(ref64.abs().max().item(), 1.0)
+    assert err_k <= mult * err_r + atol, f"{what}: kernel error {err_k:.3g} > {mult:g}×{err_r:.3g} + {atol:.3g}"

@@ -56,26 +56,44 @@ class Step:
     description: str
 
 
-def _mnist(n_train: int | None = None):
-    from ddfast.data import load_dataset
+def _mnist(n_train: int | None = None, data: str = "mnist", device=None):
+    """(val_x, val_y, train_x, train_y): MNIST, or random tensors of MNIST's shapes (``data="random"``:
+    the step's cost does not depend on the pixels; no data set needed, e.g. on a GPU machine)."""
+    if data == "random":
+        g = torch.Generator().manual_seed(0)
+        n = n_train or 20480
+        x, y = torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+        vx, vy = torch.rand(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g)
+    else:
+        from ddfast.data import load_dataset
 
-    ds = load_dataset("mnist")
-    x, y = ds.train_x, ds.train_y
-    if n_train is not None:
-        x, y = x[:n_train], y[:n_train]
-    return ds, x, y
+        ds = load_dataset("mnist")
+        x, y, vx, vy = ds.train_x, ds.train_y, ds.val_x[:512], ds.val_y[:512]
+        if n_train is not None:
+            x, y = x[:n_train], y[:n_train]
+    if device is not None:
+        x, y, vx, vy = (t.to(device) for t in (x, y, vx, vy))
+    return vx, vy, x, y
 
 
-def _ld_step(variant: str, mode: str) -> Step:
+def _on(device, make):
+    """``make`` with its module moved to ``device`` (None: left where it is built, on the CPU)."""
+    return None if device is None else (lambda: make().to(device))
+
+
+def _ld_step(variant: str, mode: str, device=None, data: str = "mnist", small: bool = False) -> Step:
     from ddfast.data import balanced_subset
     from ddfast.distill.ld import LDConfig, LabelDistiller
+    from ddfast.models import build_model
 
-    ds, x, y = _mnist(20480)
-    base = x[balanced_subset(y, 10, seed=0, num_classes=10)]
-    cfg = LDConfig(variant=variant, model="lenet", outer_batch=1024, inner_batch=50, seed=0, **mode_options(mode, "ld"))
-    ld = LabelDistiller(base, (x, y), (ds.val_x[:512], ds.val_y[:512]), 10, cfg)
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    batches = [(ld.x_train[perm[s : s + 1024]], y[perm[s : s + 1024]]) for s in range(0, x.shape[0], 1024)]
+    n_base, n_inner, n_outer = (20, 10, 128) if small else (100, 50, 1024)
+    vx, vy, x, y = _mnist(2048 if small else 20480, data, device)
+    base = x[balanced_subset(y.cpu(), n_base // 10, seed=0, num_classes=10)]
+    cfg = LDConfig(variant=variant, model="lenet", outer_batch=n_outer, inner_batch=n_inner, seed=0,
+                   **mode_options(mode, "ld"))
+    ld = LabelDistiller(base, (x, y), (vx, vy), 10, cfg, make_model=_on(device, lambda: build_model("lenet", 1, 10, 28)))
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)
+    batches = [(ld.x_train[perm[s : s + n_outer]], y[perm[s : s + n_outer]]) for s in range(0, x.shape[0], n_outer)]
     state = {"i": 0}
 
     def step():
@@ -83,19 +101,24 @@ def _ld_step(variant: str, mode: str) -> Step:
         state["i"] += 1
         return ld.step(xb, yb)
 
-    return Step(step, 8 if cfg.compile else 3, f"LD {variant}: LeNet, MNIST, N=100, N_i=50, N_o=1024")
+    return Step(step, 8 if cfg.compile else 3,
+                f"LD {variant}: LeNet, MNIST, N={n_base}, N_i={n_inner}, N_o={n_outer}")
 
 
-def _krr_step(m: int, b: int, mode: str) -> Step:
+def _krr_step(m: int, b: int, mode: str, device=None) -> Step:
     from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller
+    from ddfast.models import build_model
 
     g = torch.Generator().manual_seed(0)
     n = max(4 * b, 2 * m)
     x = torch.randn(n, 3, 32, 32, generator=g)
     targets = torch.randn(n, 512, generator=g)
+    if device is not None:
+        x, targets = x.to(device), targets.to(device)
     cfg = KRRSTConfig(m=m, batch_size=b, steps=10_000, pool_size=2, pool_steps=1000, widths=(128, 256, 512),
                       norm="batch", seed=0, **mode_options(mode, "krr-st"))
-    krr = KRRSTDistiller(x, train_targets=targets, config=cfg)
+    make = _on(device, lambda: build_model(cfg.arch, 3, 512, 32, widths=cfg.widths, norm=cfg.norm))
+    krr = KRRSTDistiller(x, train_targets=targets, config=cfg, make_model=make)
     krr.pool.max_steps = 1  # pool initialisation (1 SGD step per model) is not part of a meta-step
     krr.initialize_pool()
     krr.pool.max_steps = cfg.pool_steps
@@ -133,12 +156,13 @@ class MemoryTrajectory:
         return torch.multinomial(w, m, replacement=False, generator=generator).sort().values.tolist()
 
 
-def _ead_step(mode: str) -> Step:
+def _ead_step(mode: str, device=None, data: str = "mnist") -> Step:
     from ddfast.distill.ead import EADConfig, EffectAlignmentDistiller
     from ddfast.models import build_model
 
-    _, x, y = _mnist(20000)
-    traj = MemoryTrajectory(lambda: build_model("convnet", 1, 10, 28, widths=(32, 32, 32), norm="instance"), 10)
+    _, _, x, y = _mnist(20000, data, device)
+    make = lambda: build_model("convnet", 1, 10, 28, widths=(32, 32, 32), norm="instance")  # noqa: E731
+    traj = MemoryTrajectory(_on(device, make) or make, 10)
     cfg = EADConfig(ipc=10, iterations=10_000, t_m=5, probe_batch=256, real_batch=256, seed=0,
                     **mode_options(mode, "ead"))
     ead = EffectAlignmentDistiller(traj, (x, y), cfg)
@@ -150,19 +174,26 @@ def supported(workload: str, mode: str) -> bool:
     return not (workload.startswith("ead") and mode == "fused-bf16-compile")
 
 
-def make_step(workload: str, mode: str) -> Step:
-    """A zero-argument callable running one meta-iteration / meta-step of ``workload`` in ``mode``."""
+def make_step(workload: str, mode: str, device=None, data: str = "mnist", small: bool = False) -> Step:
+    """A zero-argument callable running one meta-iteration / meta-step of ``workload`` in ``mode``.
+
+    ``device``: where the data and the networks live (default: the CPU, as built). ``data``: ``"mnist"``
+    or ``"random"`` (random tensors of the same shapes). ``small``: LD with N=20, N_i=10, N_o=128 (a
+    quick CPU cell).
+    """
     torch.manual_seed(0)
+    if data not in ("mnist", "random"):
+        raise ValueError(f"data: expected 'mnist' or 'random', got {data!r}")
     if workload == "ld-rr":
-        return _ld_step("rr", mode)
+        return _ld_step("rr", mode, device, data, small)
     if workload == "ld-second-order":
-        return _ld_step("second_order", mode)
+        return _ld_step("second_order", mode, device, data, small)
     if workload == "krr-st-m100-b256":
-        return _krr_step(100, 256, mode)
+        return _krr_step(100, 256, mode, device)
     if workload == "krr-st-m1000-b1024":
-        return _krr_step(1000, 1024, mode)
+        return _krr_step(1000, 1024, mode, device)
     if workload == "ead-tm5":
-        return _ead_step(mode)
+        return _ead_step(mode, device, data)
     raise ValueError(f"workload: expected one of {WORKLOADS}, got {workload!r}")
 
 
