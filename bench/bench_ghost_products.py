@@ -1,5 +1,5 @@
 """pytest-benchmark: per-example gradient norms by ghost products vs torch.func vmap and a batch-of-1 loop,
-and the ghost-product kernels alone vs the plain-torch reference.
+and the ghost-product kernels alone (ddfast.benchmarks.harness cases and providers) vs the plain-torch reference.
 
     python -m pytest bench/bench_ghost_products.py --benchmark-only --benchmark-group-by=group
 
@@ -13,25 +13,13 @@ import platform
 import pytest
 import torch
 
-from ddfast.benchmarks.ghost_products import (
-    LAYER_CASES,
-    LAYER_PROVIDERS,
-    MODEL_CASES,
-    layer_flops,
-    make_layer_fn,
-    make_model_fn,
-    model_providers,
-    model_product_flops,
-    peak_memory_bytes,
-)
-from ddfast.ops.ghost_products import ghost_is_cheaper
+from ddfast.benchmarks.ghost_products import MODEL_CASES, make_model_fn, model_providers, model_product_flops, peak_memory_bytes
+from ddfast.benchmarks.harness import bench_params, run_pytest_benchmark
 
 MODEL_PARAMS = [
     pytest.param(case, provider, id=f"{case.name}-{provider}") for case in MODEL_CASES for provider in model_providers(case)
 ]
-LAYER_PARAMS = [
-    pytest.param(case, provider, id=f"{case.name}-{provider}") for case in LAYER_CASES for provider in LAYER_PROVIDERS
-]
+LAYER_PARAMS = bench_params("ghost_products")  # the harness's layer cases and providers
 
 
 def _info(benchmark, fn):
@@ -54,20 +42,6 @@ def test_per_example_grad_norms(benchmark, case, provider):
     benchmark(fn)
 
 
-@pytest.mark.parametrize("case, provider", LAYER_PARAMS)
-def test_ghost_product_layer(benchmark, case, provider):
-    fn = make_layer_fn(case, provider)
-    fn()
-    benchmark.group = f"ghost_{case.op} {case.name}"
-    ghost = case.algorithm == "ghost" or (
-        case.algorithm == "auto"
-        and (ghost_is_cheaper(case.P, case.O, case.K) if case.op == "norms"
-             else ghost_is_cheaper(case.P, case.O, case.K, case.N, case.P, case.N))
-    )
-    flops = layer_flops(case.P, case.K, case.O, case.N, case.op, ghost)
-    _info(benchmark, fn)
-    benchmark.extra_info.update(flops=flops, algorithm="ghost" if ghost else "materialize")
-    benchmark(fn)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.median > 0:
-        benchmark.extra_info["gflops"] = flops / stats.stats.median / 1e9
+@pytest.mark.parametrize("case, provider, mode", LAYER_PARAMS)
+def test_ghost_product_layer(benchmark, case, provider, mode):
+    run_pytest_benchmark(benchmark, case, provider, mode)

@@ -1,36 +1,19 @@
-"""pytest-benchmark: fused label meta-gradient (and whole LD / LD-RR meta-iterations) vs the eager reference.
+"""pytest-benchmark: fused label meta-gradient (L_out and dL_out/dy) vs the create_graph reference.
+
+LeNet on 1×28×28 (N = 10 / 50 / 100, M = 1024) and ConvNet 128-128-128 on 3×32×32 (N = 10 / 100, M = 256).
 
     python -m pytest bench/bench_label_metagrad.py --benchmark-only --benchmark-group-by=group
-    ddfast bench label-metagrad       # the same cases as one table of ratios
+    python -m ddfast.benchmarks --ops label_metagrad      # the same cells as CSV / JSON rows and a markdown table
 
-LeNet on 28×28, base batch 10 / 50, outer batch 1024 (label-distillation §4.1). Peak CPU memory and
-torch/device info go to ``extra_info``.
+Cases and providers come from ddfast.benchmarks.harness (reference, compiled, triton, cuda, cpu, auto);
+DDFAST_BENCH_DEVICE / DDFAST_BENCH_QUICK / DDFAST_BENCH_PROVIDERS select device, subset and providers.
 """
 
-import platform
-
 import pytest
-import torch
 
-from ddfast.benchmarks.label_metagrad import CASES, MODES, make_fn, peak_memory_bytes
-
-PARAMS = [
-    pytest.param(case, provider, mode, id=f"{case.name}-{mode}-{provider}")
-    for case in CASES
-    for mode in MODES
-    for provider in ("reference", "cpu")
-]
+from ddfast.benchmarks.harness import bench_params, run_pytest_benchmark
 
 
-@pytest.mark.parametrize("case, provider, mode", PARAMS)
+@pytest.mark.parametrize("case, provider, mode", bench_params("label_metagrad"))
 def test_label_metagrad(benchmark, case, provider, mode):
-    fn = make_fn(case, provider, mode)
-    fn()  # warm-up
-    benchmark.group = f"label_metagrad {case.name} {mode}"
-    benchmark.extra_info.update(
-        device=platform.processor() or "cpu",
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        peak_memory_mb=peak_memory_bytes(fn) / 2**20,
-    )
-    benchmark(fn)
+    run_pytest_benchmark(benchmark, case, provider, mode)

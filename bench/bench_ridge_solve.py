@@ -1,39 +1,20 @@
-"""pytest-benchmark: fused ridge solve vs the eager reference (and the peers' formulations).
+"""pytest-benchmark: fused ridge / kernel-ridge solve vs the eager reference and torch.compile of it.
+
+LD / LD-RR heads (N = 10–100), few-shot heads (B = 64, N = 32–128), KRR-ST (m = 100 / 1000 / 5000,
+d = 2048–8192, C = 512, b = 256 / 1024) and KRR users' widths (d = 512–8192, N = 10–500, 256 queries).
 
     python -m pytest bench/bench_ridge_solve.py --benchmark-only --benchmark-group-by=group
-    ddfast bench ridge            # the same cases as one table of ratios
+    python -m ddfast.benchmarks --ops ridge_solve      # the same cells as CSV / JSON rows and a markdown table
 
-Each benchmark records FLOPs, GFLOP/s, peak CPU memory and torch/device info in ``extra_info``.
-The Triton interpreter is excluded from timing (it is a correctness tool on CPU).
+Cases and providers come from ddfast.benchmarks.harness (reference, compiled, triton, cuda, cpu, auto);
+DDFAST_BENCH_DEVICE / DDFAST_BENCH_QUICK / DDFAST_BENCH_PROVIDERS select device, subset and providers.
 """
 
-import platform
-
 import pytest
-import torch
 
-from ddfast.benchmarks.ridge_solve import CASES, make_fn, peak_memory_bytes, providers_for
-
-PARAMS = [
-    pytest.param(case, provider, mode, id=f"{case.name}-{mode}-{provider}")
-    for case in CASES
-    for mode in ("fwd", "fwd+bwd")
-    for provider in providers_for(case)
-]
+from ddfast.benchmarks.harness import bench_params, run_pytest_benchmark
 
 
-@pytest.mark.parametrize("case, provider, mode", PARAMS)
+@pytest.mark.parametrize("case, provider, mode", bench_params("ridge_solve"))
 def test_ridge_solve(benchmark, case, provider, mode):
-    fn = make_fn(case, provider, mode)
-    fn()  # warm-up (extension load, allocator)
-    benchmark.group = f"ridge_solve {case.name} {mode}"
-    flops = case.flops(mode)
-    benchmark.extra_info.update(
-        device=platform.processor() or "cpu",
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        flops=flops,
-        peak_memory_mb=peak_memory_bytes(fn) / 2**20,
-    )
-    benchmark(fn)
-    benchmark.extra_info["gflops"] = flops / benchmark.stats.stats.median / 1e9
+    run_pytest_benchmark(benchmark, case, provider, mode)

@@ -11,8 +11,9 @@
 #
 # Every stage is time-boxed with `timeout` and logged as it goes; a stage that fails or times out is
 # recorded and the next one runs. Stage limits (seconds; all within 10 minutes on one H200, 16 cores):
-#   GPU_CHECK_BUILD_S=210 GPU_CHECK_TESTS_S=180 GPU_CHECK_BENCH_S=110 GPU_CHECK_WHEEL_S=75,
+#   GPU_CHECK_BUILD_S=200 GPU_CHECK_TESTS_S=170 GPU_CHECK_BENCH_S=130 GPU_CHECK_WHEEL_S=70,
 #   GPU_CHECK_TOTAL_S=585 (no stage starts past it; each is cut to what is left).
+# GPU_CHECK_STAGES="build info tests bench wheel" runs a subset (e.g. a rerun of "tests bench").
 # Exit status: 0 when every stage passed, 1 when one failed, 2 when there is no GPU (nothing ran).
 set -u
 
@@ -47,7 +48,7 @@ OUT=$(cd "$OUT_ARG" && pwd)
 SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
 cd "$ROOT" || exit 1
-NPROC=$(nproc 2>/dev/null || echo 4)
+NPROC=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 4)  # nproc reads OMP_NUM_THREADS
 TOTAL_S=${GPU_CHECK_TOTAL_S:-585}
 FAILED=0
 
@@ -57,6 +58,9 @@ FAILED=0
     echo
     printf '%-8s %-8s %6s %6s  %s\n' stage result rc secs log
 } > "$SUMMARY"
+
+STAGES=" ${GPU_CHECK_STAGES:-build info tests bench wheel} "
+want() { case "$STAGES" in *" $1 "*) return 0 ;; esac; return 1; }
 
 # stage NAME LIMIT_S COMMAND...: run COMMAND under `timeout`, log to OUT/NAME.log as it goes, record it.
 stage() {
@@ -87,16 +91,17 @@ stage() {
 }
 
 # -- 1. build the CUDA extension (in place, editable) -------------------------------------------------
-if [ "$DRY" = 1 ]; then
-    stage build 30 bash -c "echo 'dry run: CUDA build skipped (would run: DDFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
+if ! want build; then :
+elif [ "$DRY" = 1 ]; then
+    stage build 120 bash -c "echo 'dry run: CUDA build skipped (would run: DDFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
 MAX_JOBS=$NPROC $PY -m pip install --no-build-isolation --no-deps -e .)'; $PY -c 'import ddfast._C as c; print(c.__file__)'"
 else
-    stage build "${GPU_CHECK_BUILD_S:-210}" env DDFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$NPROC" \
+    stage build "${GPU_CHECK_BUILD_S:-200}" env DDFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$NPROC" \
         "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 
 # -- 2. what is built and usable ----------------------------------------------------------------------
-stage info 60 bash -c "nvidia-smi 2>/dev/null || echo '(no nvidia-smi)'; $PY -m ddfast.info"
+want info && stage info 60 bash -c "nvidia-smi 2>/dev/null || echo '(no nvidia-smi)'; $PY -m ddfast.info"
 
 # -- 3. GPU tests: compiled kernels on CUDA tensors (interpreter off), every failure reported (no -x) -----
 PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml" -o junit_family=xunit2)
@@ -104,27 +109,30 @@ if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_ARGS+=(--timeou
 OP_TESTS=(tests/test_ridge_solve.py tests/test_label_metagrad.py tests/test_label_metagrad_kernels.py
           tests/test_ghost_products.py tests/test_relu_max_pool2d.py tests/test_checkpoint_grad_inner.py)
 GPU_TESTS=$(ls tests/test_gpu_*.py 2>/dev/null)
-if [ "$DRY" = 1 ]; then
+if ! want tests; then :
+elif [ "$DRY" = 1 ]; then
     # CPU: the GPU-only files on CPU tensors, and the contract suite of one op through the interpreter.
-    stage tests "${GPU_CHECK_TESTS_S:-180}" env DDFAST_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
+    stage tests "${GPU_CHECK_TESTS_S:-170}" env DDFAST_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
         "$PY" -m pytest "${PYTEST_ARGS[@]}" $GPU_TESTS tests/test_relu_max_pool2d.py -k "Contract or gpu"
 else
-    stage tests "${GPU_CHECK_TESTS_S:-180}" env TRITON_INTERPRET=0 \
+    stage tests "${GPU_CHECK_TESTS_S:-170}" env TRITON_INTERPRET=0 \
         "$PY" -m pytest "${PYTEST_ARGS[@]}" $GPU_TESTS "${OP_TESTS[@]}" -k "triton or cuda or gpu"
 fi
 
 # -- 4. benchmark harness on the curated shapes; the markdown table from its CSV --------------------------
-if [ "$DRY" = 1 ]; then
-    stage bench "${GPU_CHECK_BENCH_S:-110}" env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m ddfast.benchmarks \
+if ! want bench; then :
+elif [ "$DRY" = 1 ]; then
+    stage bench "${GPU_CHECK_BENCH_S:-130}" env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m ddfast.benchmarks \
         --quick --device cpu --ops relu_max_pool2d,ridge_solve --providers reference,triton,cuda,cpu,auto \
         --repeats 3 --out "$OUT/bench"
 else
-    stage bench "${GPU_CHECK_BENCH_S:-110}" "$PY" -m ddfast.benchmarks --quick --device cuda \
-        --time-budget $(( ${GPU_CHECK_BENCH_S:-110} - 20 )) --out "$OUT/bench"
+    stage bench "${GPU_CHECK_BENCH_S:-130}" "$PY" -m ddfast.benchmarks --quick --device cuda --repeats 30 \
+        --time-budget $(( ${GPU_CHECK_BENCH_S:-130} - 25 )) --out "$OUT/bench"
 fi
-if [ -s "$OUT/bench/results.csv" ]; then
+if want bench && [ -s "$OUT/bench/results.csv" ]; then
+    # report.py needs only the standard library: run by path, without importing torch.
     TABLE="$OUT/benchmarks-$([ "$DRY" = 1 ] && echo cpu || echo gpu).md"
-    stage report 30 "$PY" -m ddfast.benchmarks.report "$OUT/bench/results.csv" -o "$TABLE"
+    stage report 60 "$PY" "$ROOT/ddfast/benchmarks/report.py" "$OUT/bench/results.csv" -o "$TABLE"
 fi
 
 # -- 5. wheel, installed into a fresh venv (system site-packages for torch), smoke-tested outside the tree --
@@ -162,7 +170,7 @@ WHEEL_CMD="$WHEEL_CMD && ls -l '$OUT/wheel' && $PY -m venv --system-site-package
 '$OUT/venv/bin/python' -m pip install --no-deps --no-index '$OUT'/wheel/ddfast-*.whl && \
 cd '$OUT' && '$OUT/venv/bin/python' -c \"\$SMOKE\""
 export SMOKE
-stage wheel "${GPU_CHECK_WHEEL_S:-75}" bash -c "$WHEEL_CMD"
+want wheel && stage wheel "${GPU_CHECK_WHEEL_S:-70}" bash -c "$WHEEL_CMD"
 
 # -- summary ------------------------------------------------------------------------------------------
 {

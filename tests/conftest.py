@@ -92,7 +92,7 @@ def pytest_generate_tests(metafunc):
 
 # Messages with which a backend refuses inputs on the wrong device (dispatch, kernels' reasons).
 _WRONG_DEVICE = ("inputs are not CUDA tensors", "CPU tensors need TRITON_INTERPRET=1", "takes CPU tensors",
-                 "inputs are on cuda")
+                 "inputs are on cpu", "inputs are on cuda", "kernels take cuda tensors")
 
 
 @pytest.hookimpl(hookwrapper=True)

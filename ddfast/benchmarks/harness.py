@@ -49,8 +49,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["PROVIDERS", "MODES", "OPS", "Case", "cases", "run", "time_fn", "peak_memory", "environment",
-           "add_speedups", "write_rows", "main"]
+__all__ = ["PROVIDERS", "MODES", "OPS", "Case", "Unsupported", "cases", "make_fn", "measure", "run", "time_fn",
+           "peak_memory", "environment", "add_speedups", "write_rows", "bench_device", "bench_params",
+           "run_pytest_benchmark", "main"]
 
 PROVIDERS = ("reference", "compiled", "triton", "cuda", "cpu", "auto")
 MODES = ("fwd", "fwd+bwd", "step")
@@ -691,6 +692,68 @@ def run(ops: Sequence[str] = OPS, providers: Sequence[str] = PROVIDERS, device=N
     if out_dir:
         write_rows(rows, out_dir)
     return rows
+
+
+# --------------------------------------------------------------------------- pytest-benchmark (bench/)
+
+
+def bench_device() -> torch.device:
+    """``DDFAST_BENCH_DEVICE`` (cpu / cuda), else CUDA when visible."""
+    name = os.environ.get("DDFAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bench_params(op: str, providers: Sequence[str] | None = None):
+    """pytest params ``(case, provider, mode)`` of ``op`` on :func:`bench_device` for ``bench/bench_<op>.py``.
+
+    ``DDFAST_BENCH_QUICK=1`` takes the curated subset; ``DDFAST_BENCH_PROVIDERS=a,b`` limits the providers.
+    """
+    import pytest
+
+    env = os.environ.get("DDFAST_BENCH_PROVIDERS")
+    providers = list(providers or (env.split(",") if env else PROVIDERS))
+    quick = os.environ.get("DDFAST_BENCH_QUICK", "") == "1"
+    return [pytest.param(c, p, m, id=f"{c.name}-{_dtype_name(c.dtype)}-{m}-{p}")
+            for c in cases(op, bench_device().type, quick) for m in c.modes for p in providers if p in c.providers]
+
+
+def run_pytest_benchmark(benchmark, case: Case, provider: str, mode: str) -> None:
+    """Time one harness cell with pytest-benchmark (skipping with the reason when the provider cannot run
+    it); ``extra_info`` carries device, versions, commit, peak MiB and the achieved TFLOP/s or GB/s."""
+    import pytest
+
+    from ddfast.errors import BackendUnavailableError
+
+    device = bench_device()
+    try:
+        fn = make_fn(case, provider, mode, device)
+        for _ in range(warmup_calls(case, provider)):
+            fn()
+    except (Unsupported, BackendUnavailableError) as exc:
+        pytest.skip(" ".join(str(exc).split())[:300])
+    except Exception as exc:
+        if provider == "compiled":
+            pytest.skip("torch.compile failed: " + _first_line(exc))
+        raise
+    call = fn
+    if device.type == "cuda":
+        def call():
+            fn()
+            torch.cuda.synchronize(device)
+    benchmark.group = f"{case.op} {case.name} {_dtype_name(case.dtype)} {mode}"
+    benchmark.extra_info.update(environment(device))
+    benchmark.extra_info.update(shape=case.shape, dtype=_dtype_name(case.dtype), mode=mode, provider=provider,
+                                peak_mib=peak_memory(fn, device))
+    if case.repeats:
+        benchmark.pedantic(call, rounds=case.repeats, iterations=1)
+    else:
+        benchmark(call)
+    stats = getattr(benchmark, "stats", None)
+    median = stats.stats.median if stats is not None else 0.0
+    if median > 0 and case.flops:
+        benchmark.extra_info["tflops"] = case.flops(mode) / median / 1e12
+    if median > 0 and case.nbytes:
+        benchmark.extra_info["gbps"] = case.nbytes(mode) / median / 1e9
 
 
 def _split(values):

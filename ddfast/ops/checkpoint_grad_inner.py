@@ -29,10 +29,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call, jvp
 
 from ddfast.network_passes import autocast, check_op_precision
+from ddfast import settings
+from ddfast.ops._autograd import batch_first, check_finite, first_order_only, may_need_derivative, unwrap_value
 from ddfast.reference.checkpoint_grad_inner import (
     _split_state,
     checkpoint_grad_inner_ref,
@@ -77,6 +78,8 @@ def _check_batch(name, batch, like):
     x, y = batch
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
         raise TypeError(f"{name}: images must be a float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.device != like.device:
+        raise ValueError(f"{name}: expected images on {like.device} (the synthetic images' device), got {x.device}")
     if x.shape[1:] != like.shape[1:]:
         raise ValueError(
             f"{name}: images of shape [N, {', '.join(map(str, like.shape[1:]))}] expected (the synthetic images' "
@@ -87,7 +90,7 @@ def _check_batch(name, batch, like):
     _check_labels(f"{name} labels", y, x.shape[0])
 
 
-def _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode):
+def _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode, enabled=None):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(images, torch.Tensor) or images.dtype not in _FLOATS:
@@ -106,10 +109,48 @@ def _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode
     _check_batch("probe", probe, images)
     if real is not None:
         _check_batch("real", real, images)
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("images: contains non-finite values (NaN or inf)")
-    if not bool(torch.isfinite(soft_labels).all()):
-        raise ValueError("soft_labels: contains non-finite values (NaN or inf)")
+    if soft_labels.device != images.device:
+        raise ValueError(f"soft_labels: expected device {images.device} (the images' device), got {soft_labels.device}")
+    named = {"images": images, "soft_labels": soft_labels, "probe images": probe[0], "probe labels": probe[1]}
+    if real is not None:
+        named.update({"real images": real[0], "real labels": real[1]})
+    check_finite("checkpoint_grad_inner", {k: t for k, t in named.items() if t.is_floating_point()}, enabled)
+    _check_label_range({k: t for k, t in named.items() if not t.is_floating_point()}, soft_labels.shape[1], enabled)
+
+
+def _check_label_range(named, C, enabled):
+    """Class indices of the probe / real batches: ≥ 0, and < C (the soft labels' width, which must cover
+    every class the real data uses)."""
+    if enabled is False or (enabled is None and not settings.check_finite) or torch.compiler.is_compiling():
+        return
+    for k, y in named.items():
+        if y.device.type == "meta" or y.numel() == 0:
+            continue
+        lo, hi = (int(v) for v in torch.stack([unwrap_value(y).min(), unwrap_value(y).max()]).tolist())
+        if lo < 0:
+            raise ValueError(f"{k}: class indices must be ≥ 0, got {lo}; pass check_finite=False to skip this check")
+        if hi >= C:
+            raise ValueError(f"soft_labels: expected {hi + 1} columns or more ({k} hold class index {hi}), got {C}")
+
+
+class _CheckedCheckpoints:
+    """The checkpoints, each state's parameters checked for NaN / Inf (named) as it is consumed; re-iterable
+    exactly when the underlying iterable is."""
+
+    def __init__(self, checkpoints, model, enabled):
+        self.checkpoints, self.enabled = checkpoints, enabled
+        self.names = [k for k, p in model.named_parameters()]
+
+    @property
+    def one_shot(self):
+        return iter(self.checkpoints) is self.checkpoints
+
+    def __iter__(self):
+        for i, state in enumerate(self.checkpoints):
+            if isinstance(state, Mapping):
+                check_finite("checkpoint_grad_inner", {f"checkpoints[{i}][{k!r}]": state[k] for k in self.names
+                                                       if isinstance(state.get(k), torch.Tensor)}, self.enabled)
+            yield state
 
 
 def _check_model_mode(model):
@@ -284,38 +325,79 @@ def default_syn_mode(model: nn.Module) -> str:
     return "double" if any(isinstance(m, _FWD_AD_COSTLY) for m in model.modules()) else "jvp"
 
 
+_SECOND_ORDER = (
+    "checkpoint_grad_inner: the fused path is first order (the S-gradients are computed with s in the forward); "
+    "second derivatives w.r.t. images / soft_labels (create_graph=True then another backward, torch.func.hessian, "
+    "jacrev(jacrev(f)), jacfwd(jacfwd(f))) are not supported. Use backend=\"reference\" (a double backward per "
+    "checkpoint, differentiable again)"
+)
+
+
 class CheckpointGradInnerFunction(torch.autograd.Function):
     """``(r, s)`` with the S-gradients computed in the forward pass, streamed over checkpoints.
 
     ``reduce="sum"`` returns scalars Σ_t r_t, Σ_t s_t and keeps one S-sized gradient; ``"none"``
     returns ``[t_m]`` vectors and keeps t_m of them. ``r`` is not differentiable (it does not depend
-    on S). Backward: ∂/∂S = Σ_t grad_s[t] ∂s_t/∂S.
+    on S). Backward: ∂/∂S = Σ_t grad_s[t] ∂s_t/∂S; forward mode: s_t' = ⟨∂s_t/∂images, images'⟩ +
+    ⟨∂s_t/∂soft_labels, soft_labels'⟩ (both exact to first order; a second derivative raises
+    :class:`ddfast.ops.HigherOrderUnsupportedError`). ``vmap`` over synthetic sets runs the op once per set
+    (re-iterable checkpoints only). ``needs``: which S-gradients to compute (default both). Outputs
+    3 and 4 are those gradients (not differentiable; None when not computed).
     """
 
     @staticmethod
-    def forward(ctx, images, soft_labels, runner, reduce):
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        r, s, gx, gy = runner.run(images, soft_labels, need_x, need_y, reduce)
-        ctx.reduce = reduce
-        ctx.save_for_backward(gx, gy)
-        ctx.mark_non_differentiable(r)
-        return r, s
+    def forward(images, soft_labels, runner, reduce, needs=(True, True)):
+        return runner.run(images, soft_labels, needs[0], needs[1], reduce)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_r, grad_s):
-        gx, gy = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        images, soft_labels, _runner, reduce = inputs[:4]
+        r, _s, gx, gy = output
+        ctx.mark_non_differentiable(*(t for t in (r, gx, gy) if t is not None))
+        ctx.save_for_backward(gx, gy, images, soft_labels)
+        ctx.save_for_forward(gx, gy, images, soft_labels)
+        ctx.reduce = reduce
+
+    @staticmethod
+    def backward(ctx, grad_r, grad_s, _grad_gx, _grad_gy):
+        gx, gy, images, soft_labels = ctx.saved_tensors
         if grad_s is None:
-            return None, None, None, None
+            return None, None, None, None, None
 
-        def apply(g):
-            if g is None:
+        def apply(g, i):
+            if g is None or not ctx.needs_input_grad[i]:
                 return None
-            if ctx.reduce == "none":
-                return torch.tensordot(grad_s.to(g.dtype), g, dims=1)
-            return grad_s.to(g.dtype) * g
+            out = torch.tensordot(grad_s.to(g.dtype), g, dims=1) if ctx.reduce == "none" else grad_s.to(g.dtype) * g
+            return first_order_only(out, (images, soft_labels, grad_s), _SECOND_ORDER)
 
-        return apply(gx), apply(gy), None, None
+        return apply(gx, 0), apply(gy, 1), None, None, None
+
+    @staticmethod
+    def jvp(ctx, images_t, soft_labels_t, *_):
+        gx, gy, images, soft_labels = ctx.saved_tensors
+        s_t = None
+        for g, t in ((gx, images_t), (gy, soft_labels_t)):
+            if t is None:
+                continue
+            if g is None:  # pragma: no cover - needs are derived from the same tangents
+                raise RuntimeError("checkpoint_grad_inner: a tangent reached an input whose gradient was not computed")
+            g = first_order_only(g, (images, soft_labels), _SECOND_ORDER, always=True)
+            term = (g * t).flatten(1).sum(1) if ctx.reduce == "none" else (g * t).sum()
+            s_t = term if s_t is None else s_t + term
+        return None, s_t, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, images, soft_labels, runner, reduce, needs=(True, True)):
+        if runner.checkpoints.one_shot:
+            raise ValueError(
+                "checkpoints: torch.func.vmap over checkpoint_grad_inner evaluates every checkpoint once per "
+                "synthetic set, so it needs re-iterable checkpoints (a list or a Trajectory), not a one-shot iterator"
+            )
+        B = info.batch_size
+        xs, ys = batch_first(images, in_dims[0], B), batch_first(soft_labels, in_dims[1], B)
+        outs = [CheckpointGradInnerFunction.apply(xs[b], ys[b], runner, reduce, needs) for b in range(B)]
+        stacked = tuple(None if o[0] is None else torch.stack(o) for o in zip(*outs))
+        return stacked, tuple(None if t is None else 0 for t in stacked)
 
 
 def checkpoint_grad_inner(
@@ -333,6 +415,7 @@ def checkpoint_grad_inner(
     chunk: int | None = None,
     backend: str = "auto",
     precision: str = "fp32",
+    check_finite: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_t ⟨∇L(P,θ_t), ∇L(D_t,θ_t)⟩ and Σ_t ⟨∇L(P,θ_t), ∇L(S,θ_t)⟩, the second differentiable w.r.t. S.
 
@@ -359,24 +442,44 @@ def checkpoint_grad_inner(
         backend: ``"reference"`` (double backward, :func:`checkpoint_grad_inner_ref`) or a fused
             backend name (``"auto"``, ``"fused"``, ``"cpu"``, ``"triton"``, ``"cuda"``; the name selects
             the ghost-product kernels of ``real_mode="ghost"``).
+        check_finite: raise ``ValueError`` naming the argument when the images, soft labels, probe / real
+            batches or a checkpoint's parameters hold NaN / Inf, or integer labels fall outside ``[0, C)``;
+            one host sync per check (per checkpoint for the parameters). ``None`` reads
+            ``ddfast.settings.check_finite`` (default True); ``False`` skips the checks.
 
     Returns:
         ``(r, s)``: scalars (``reduce="sum"``) or ``[t_m]`` vectors; ``s`` is differentiable w.r.t.
         ``images`` and ``soft_labels``, ``r`` is not.
 
+    Autograd: the fused path is first order (backward, and ``torch.func`` ``grad`` / ``jacrev`` / ``jacfwd`` /
+    ``jvp`` / ``vmap`` over synthetic sets); a second derivative raises
+    :class:`ddfast.ops.HigherOrderUnsupportedError`. The reference path is differentiable again.
+
     Equivalent PyTorch: ``ddfast.reference.checkpoint_grad_inner.checkpoint_grad_inner_ref``.
     """
     if reduce not in ("sum", "none"):
         raise ValueError(f"reduce: expected 'sum' or 'none', got {reduce!r}")
-    _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+        raise ValueError(f"chunk: expected None or a positive number of examples, got {chunk!r}")
+    if syn_mode not in ("auto", "jvp", "double"):
+        raise ValueError(f"syn_mode: expected 'auto', 'jvp' or 'double', got {syn_mode!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
+    if isinstance(checkpoints, Mapping) or not isinstance(checkpoints, Iterable):
+        raise TypeError("checkpoints: expected an iterable of state dicts (a list, a generator or a Trajectory), got "
+                        f"{type(checkpoints).__name__}")
+    _check_inputs(model, probe, real, images, soft_labels, label_mode, real_mode, check_finite)
+    if images.device.type == "meta":
+        raise ValueError("images: checkpoint_grad_inner evaluates the model at every checkpoint and cannot run on "
+                         "meta tensors")
     check_op_precision(precision, backend == "reference")
+    checkpoints = _CheckedCheckpoints(checkpoints, model, check_finite)
     if backend == "reference":
         r, s = checkpoint_grad_inner_ref(model, checkpoints, probe, real, images, soft_labels, label_mode)
         return (r.sum(), s.sum()) if reduce == "sum" else (r, s)
     _check_model_mode(model)
-    if syn_mode not in ("auto", "jvp", "double"):
-        raise ValueError(f"syn_mode: expected 'auto', 'jvp' or 'double', got {syn_mode!r}")
     mode = "autograd" if real_mode == "auto" else real_mode
     smode = default_syn_mode(model) if syn_mode == "auto" else syn_mode
     runner = _Runner(model, checkpoints, probe, real, label_mode, mode, smode, chunk, backend, precision)
-    return CheckpointGradInnerFunction.apply(images, soft_labels, runner, reduce)
+    needs = (may_need_derivative(images), may_need_derivative(soft_labels))
+    return CheckpointGradInnerFunction.apply(images, soft_labels, runner, reduce, needs)[:2]

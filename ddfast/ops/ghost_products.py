@@ -42,6 +42,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ddfast import dispatch as _backends
+from ddfast.ops._autograd import batch_first as _batch_first
 from ddfast.reference.ghost_products import (
     ghost_bilinear_ref,
     ghost_inner_ref,
@@ -260,19 +261,30 @@ def _check_pair(A, G, an="A", gn="G"):
 
 # --------------------------------------------------------------------------- autograd Functions
 #
-# Forwards run the selected kernel; backwards are plain torch (bmm / einsum) on every backend.
+# Forwards run the selected kernel; backwards are plain torch (bmm / einsum) on every backend, so they
+# are differentiable again: double backward is exact. Forward mode (jvp) reuses the multilinear
+# kernels (bilinear, inner) or plain torch (norms); vmap folds the vmapped dimension into the batch
+# dimension N (a per-batch V, or both sides of ``ghost_inner`` batched, loop over the vmapped batch).
 
 
 class GhostBilinearFunction(torch.autograd.Function):
     """out[n] = Σ_p G[n,p]ᵀ V A[n,p].  Backward (plain torch), with c = ∂L/∂out:
 
     ∂A[n,p] = c_n Vᵀ G[n,p],   ∂G[n,p] = c_n V A[n,p],   ∂V = Σ_{n,p} c_n G[n,p] A[n,p]ᵀ.
+
+    Forward mode: out is trilinear in (A, G, V), so out_t = B(A_t, G, V) + B(A, G_t, V) + B(A, G, V_t).
     """
 
     @staticmethod
-    def forward(ctx, A, G, V, kernels):
-        ctx.save_for_backward(A, G, V)
+    def forward(A, G, V, kernels):
         return kernels.bilinear(A, G, V)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        A, G, V, kernels = inputs
+        ctx.save_for_backward(A, G, V)
+        ctx.save_for_forward(A, G, V)
+        ctx.kernels = kernels
 
     @staticmethod
     def backward(ctx, c):
@@ -286,19 +298,43 @@ class GhostBilinearFunction(torch.autograd.Function):
             dV = (G * cw).reshape(-1, O).transpose(0, 1) @ A.reshape(-1, K)
         return dA, dG, dV, None
 
+    @staticmethod
+    def jvp(ctx, At, Gt, Vt, _kernels_t):
+        A, G, V = ctx.saved_tensors
+        terms = [GhostBilinearFunction.apply(a, g, v, ctx.kernels)
+                 for a, g, v in ((At, G, V), (A, Gt, V), (A, G, Vt)) if a is not None and g is not None and v is not None]
+        return _sum_terms(terms, A.shape[0], A)
+
+    @staticmethod
+    def vmap(info, in_dims, A, G, V, kernels):
+        B = info.batch_size
+        A_, G_ = _batch_first(A, in_dims[0], B), _batch_first(G, in_dims[1], B)
+        if in_dims[2] is None:
+            out = GhostBilinearFunction.apply(A_.flatten(0, 1), G_.flatten(0, 1), V, kernels)
+            return out.unflatten(0, (B, -1)), 0
+        V_ = V.movedim(in_dims[2], 0)
+        return torch.stack([GhostBilinearFunction.apply(A_[b], G_[b], V_[b], kernels) for b in range(B)]), 0
+
 
 class GhostNormsFunction(torch.autograd.Function):
     """out[n] = ‖W_n‖_F².  Backward (plain torch), c = ∂L/∂out, by the forward's algorithm:
 
     ghost:        ∂A_n = 2c_n (G_n G_nᵀ) A_n,   ∂G_n = 2c_n (A_n A_nᵀ) G_n     (N·P² memory)
     materialize:  ∂A_n = 2c_n G_n W_n,          ∂G_n = 2c_n A_n W_nᵀ            (N·O·K memory)
+
+    Forward mode (plain torch): out_t = 2⟨W_n, G_tᵀA_n + G_nᵀA_t⟩ = 2Σ (G_t G_nᵀ)⊙(A_nA_nᵀ) + 2Σ (G_nG_nᵀ)⊙(A_t A_nᵀ).
     """
 
     @staticmethod
-    def forward(ctx, A, G, ghost, kernels):
-        ctx.save_for_backward(A, G)
-        ctx.ghost = ghost
+    def forward(A, G, ghost, kernels):
         return kernels.norms(A, G, ghost)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        A, G, ghost, kernels = inputs
+        ctx.save_for_backward(A, G)
+        ctx.save_for_forward(A, G)
+        ctx.ghost, ctx.kernels = ghost, kernels
 
     @staticmethod
     def backward(ctx, c):
@@ -319,17 +355,49 @@ class GhostNormsFunction(torch.autograd.Function):
                 dG = cw * (A @ W.transpose(1, 2))
         return dA, dG, None, None
 
+    @staticmethod
+    def jvp(ctx, At, Gt, _ghost_t, _kernels_t):
+        A, G = ctx.saved_tensors
+        terms = []
+        if ctx.ghost:
+            if Gt is not None:
+                terms.append(2 * ((Gt @ G.transpose(1, 2)) * (A @ A.transpose(1, 2))).sum((1, 2)))
+            if At is not None:
+                terms.append(2 * ((G @ G.transpose(1, 2)) * (At @ A.transpose(1, 2))).sum((1, 2)))
+        else:
+            W = G.transpose(1, 2) @ A
+            if Gt is not None:
+                terms.append(2 * (W * (Gt.transpose(1, 2) @ A)).sum((1, 2)))
+            if At is not None:
+                terms.append(2 * (W * (G.transpose(1, 2) @ At)).sum((1, 2)))
+        return _sum_terms(terms, A.shape[0], A)
+
+    @staticmethod
+    def vmap(info, in_dims, A, G, ghost, kernels):
+        B = info.batch_size
+        A_, G_ = _batch_first(A, in_dims[0], B), _batch_first(G, in_dims[1], B)
+        out = GhostNormsFunction.apply(A_.flatten(0, 1), G_.flatten(0, 1), ghost, kernels)
+        return out.unflatten(0, (B, -1)), 0
+
 
 class GhostInnerFunction(torch.autograd.Function):
     """out[n, m] = ⟨W1_n, W2_m⟩.  Backward (plain torch, W materialized), c = ∂L/∂out:
 
     D1_n = Σ_m c_nm W2_m,  ∂A1_n = G1_n D1_n,  ∂G1_n = A1_n D1_nᵀ   (and symmetrically for batch 2).
+
+    Forward mode: out is multilinear in (A1, G1, A2, G2): the sum of four kernel calls with one tangent each.
     """
 
     @staticmethod
-    def forward(ctx, A1, G1, A2, G2, ghost, kernels):
-        ctx.save_for_backward(A1, G1, A2, G2)
+    def forward(A1, G1, A2, G2, ghost, kernels):
         return kernels.inner(A1, G1, A2, G2, ghost)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        A1, G1, A2, G2, ghost, kernels = inputs
+        ctx.save_for_backward(A1, G1, A2, G2)
+        ctx.save_for_forward(A1, G1, A2, G2)
+        ctx.ghost, ctx.kernels = ghost, kernels
 
     @staticmethod
     def backward(ctx, c):
@@ -348,6 +416,39 @@ class GhostInnerFunction(torch.autograd.Function):
             grads[2] = G2 @ D2 if need[2] else None
             grads[3] = A2 @ D2.transpose(1, 2) if need[3] else None
         return (*grads, None, None)
+
+    @staticmethod
+    def jvp(ctx, A1t, G1t, A2t, G2t, _ghost_t, _kernels_t):
+        primal = ctx.saved_tensors
+        terms = []
+        for i, t in enumerate((A1t, G1t, A2t, G2t)):
+            if t is not None:
+                args = list(primal)
+                args[i] = t
+                terms.append(GhostInnerFunction.apply(*args, ctx.ghost, ctx.kernels))
+        N1, N2 = primal[0].shape[0], primal[2].shape[0]
+        return terms[0] if len(terms) == 1 else (sum(terms[1:], terms[0]) if terms else primal[0].new_zeros(N1, N2))
+
+    @staticmethod
+    def vmap(info, in_dims, A1, G1, A2, G2, ghost, kernels):
+        B = info.batch_size
+        left, right = in_dims[0] is not None or in_dims[1] is not None, in_dims[2] is not None or in_dims[3] is not None
+        if left and not right:
+            A1_, G1_ = _batch_first(A1, in_dims[0], B), _batch_first(G1, in_dims[1], B)
+            out = GhostInnerFunction.apply(A1_.flatten(0, 1), G1_.flatten(0, 1), A2, G2, ghost, kernels)
+            return out.unflatten(0, (B, -1)), 0
+        if right and not left:
+            A2_, G2_ = _batch_first(A2, in_dims[2], B), _batch_first(G2, in_dims[3], B)
+            out = GhostInnerFunction.apply(A1, G1, A2_.flatten(0, 1), G2_.flatten(0, 1), ghost, kernels)
+            return out.unflatten(1, (B, -1)), 1
+        xs = [_batch_first(t, d, B) for t, d in zip((A1, G1, A2, G2), in_dims[:4])]
+        return torch.stack([GhostInnerFunction.apply(*(x[b] for x in xs), ghost, kernels) for b in range(B)]), 0
+
+
+def _sum_terms(terms, n, like):
+    if not terms:
+        return like.new_zeros(n)
+    return terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])
 
 
 # --------------------------------------------------------------------------- layer-level API

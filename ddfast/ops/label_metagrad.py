@@ -23,6 +23,7 @@ Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref`` (``cr
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -33,8 +34,10 @@ from torch.func import functional_call, jvp
 
 from ddfast import dispatch as _backends
 from ddfast.network_passes import autocast, check_op_precision
+from ddfast.ops._autograd import batch_first, check_class_indices, first_order_only
+from ddfast.ops._autograd import check_finite as _check_finite
 from ddfast.ops.ridge_solve import ridge_weights
-from ddfast.reference.label_metagrad import _correct, label_metagrad_ref, outer_loss
+from ddfast.reference.label_metagrad import label_meta_loss_ref, label_metagrad_ref, outer_loss
 from ddfast.reference.ridge_solve import ridge_weights_ref
 
 __all__ = [
@@ -193,7 +196,7 @@ def _outer_grad(model, stepped, x_real, y_real, chunk, precision="fp32"):
     buffers = dict(model.named_buffers())
     grads = None
     total = x_real.new_zeros((), dtype=next(iter(leaves.values())).dtype)
-    correct = 0
+    correct = x_real.new_zeros((), dtype=torch.int64)
     chunk = M if not chunk or chunk >= M else int(chunk)
     for s in range(0, M, chunk):
         xc, yc = x_real[s : s + chunk], y_real[s : s + chunk]
@@ -204,7 +207,8 @@ def _outer_grad(model, stepped, x_real, y_real, chunk, precision="fp32"):
         gs = torch.autograd.grad(loss, [leaves[k] for k in names])
         grads = list(gs) if grads is None else [a.add_(b) for a, b in zip(grads, gs)]
         total = total + loss.detach()
-        correct += _correct(logits.detach(), yc)
+        target = yc if yc.dtype in (torch.int64, torch.int32) else yc.argmax(-1)
+        correct = correct + (logits.detach().argmax(-1) == target).sum()
     return total, dict(zip(names, grads)), correct
 
 
@@ -223,6 +227,7 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
                 h_net = functional_call(features, phi, (x_base,))
             h = h_net.to(y.dtype)  # float32 features for the head and the kernels
             z = F.linear(h.detach(), W, b)
+            _check_width(z, y)
             R, loss_rows = kernels.fwd(z, y, scale)
             # Inner gradient: head in closed form, body by one VJP with cotangent R W.
             g_phi = torch.autograd.grad(h_net, list(phi.values()), (R @ W).to(h_net.dtype)) if phi else ()
@@ -243,6 +248,7 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
             with autocast(precision, dev):
                 z_net = functional_call(model, {**theta, **buffers}, (x_base,))
             z = z_net.to(y.dtype)
+            _check_width(z, y)
             R, loss_rows = kernels.fwd(z.detach(), y, scale)
             g = torch.autograd.grad(z_net, list(theta.values()), R.to(z_net.dtype))
             inner_grads = dict(zip(theta, g))
@@ -280,6 +286,11 @@ def _fused_metagrad(kernels, model, x_base, y_soft, x_real, y_real, inner_lr, re
     return LabelMetagrad(loss, grad, inner_loss, inner_grads, correct)
 
 
+def _check_width(z, y):
+    if z.shape[-1] != y.shape[-1]:
+        raise ValueError(f"y_soft: the model outputs {z.shape[-1]} classes, but the labels have C = {y.shape[-1]} columns")
+
+
 def _module_prefix(model, sub):
     for name, m in model.named_modules():
         if m is sub:
@@ -300,29 +311,66 @@ class LabelMetagrad(NamedTuple):
     outer_correct: int  # correct predictions of the stepped model on the real batch
 
 
-class LabelMetagradFunction(torch.autograd.Function):
-    """L_out(ỹ) whose backward scales ∂L_out/∂ỹ, computed with the loss in the forward.
+_SECOND_ORDER = (
+    "label_meta_loss: the fused path is first order (∂L_out/∂ỹ is a closed form computed with the loss); "
+    "second derivatives w.r.t. y_soft (create_graph=True then another backward, torch.func.hessian, "
+    "jacrev(jacrev(f)), jacfwd(jacfwd(f)), grad(grad(f))) are not supported. Use backend=\"reference\" "
+    "(L_out through a functional inner step, differentiable to any order)"
+)
 
-    ``metagrad(ỹ) -> (L_out, ∂L_out/∂ỹ)`` is the fused closed form or the reference.
+
+class LabelMetagradFunction(torch.autograd.Function):
+    """``(L_out, ∂L_out/∂ỹ)`` of ``y_soft``; ``∂L_out/∂ỹ`` is computed with the loss in the forward.
+
+    ``metagrad(ỹ) -> (L_out, ∂L_out/∂ỹ)`` is the fused closed form. Backward: ``g · ∂L_out/∂ỹ``;
+    forward mode: ``⟨∂L_out/∂ỹ, ỹ_t⟩`` (both exact to first order; a second derivative raises
+    :class:`ddfast.ops.HigherOrderUnsupportedError`). ``vmap`` over label sets runs one meta-gradient
+    per set (each set steps the model differently; nothing to fold). The second output is not
+    differentiable.
     """
 
     @staticmethod
-    def forward(ctx, y_soft, metagrad):
+    def forward(y_soft, metagrad):
         loss, grad = metagrad(y_soft)
-        ctx.save_for_backward(grad)
-        return loss
+        return loss, grad
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return g * grad, None
+    def setup_context(ctx, inputs, output):
+        y_soft = inputs[0]
+        grad = output[1]
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad, y_soft)
+        ctx.save_for_forward(grad, y_soft)
+
+    @staticmethod
+    def backward(ctx, g, _g_grad):
+        grad, y_soft = ctx.saved_tensors
+        return first_order_only(g * grad, (y_soft, g), _SECOND_ORDER), None
+
+    @staticmethod
+    def jvp(ctx, y_t, _metagrad_t):
+        grad, y_soft = ctx.saved_tensors
+        return (first_order_only(grad, (y_soft,), _SECOND_ORDER, always=True) * y_t).sum(), None
+
+    @staticmethod
+    def vmap(info, in_dims, y_soft, metagrad):
+        ys = batch_first(y_soft, in_dims[0], info.batch_size)
+        outs = [LabelMetagradFunction.apply(ys[b], metagrad) for b in range(info.batch_size)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction):
+def _positive_chunk(name, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected None or a positive number of examples, got {value!r}")
+
+
+def _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk=None):
+    """Shape / dtype / device / scalar checks (no host sync); returns α as a float."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     for name, t in (("x_base", x_base), ("y_soft", y_soft), ("x_real", x_real), ("y_real", y_real)):
@@ -331,23 +379,50 @@ def _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction):
     if y_soft.dim() != 2 or y_soft.dtype not in _FLOATS:
         raise ValueError(f"y_soft: expected float32/float64 soft labels [N, C], got {tuple(y_soft.shape)} {y_soft.dtype}")
     N, C = y_soft.shape
-    if N == 0:
-        raise ValueError("x_base: the base batch is empty (N = 0)")
-    if x_base.shape[0] != N:
-        raise ValueError(f"x_base: expected {N} base examples (one per row of y_soft [N, C]), got {x_base.shape[0]}")
-    if x_real.shape[0] == 0:
-        raise ValueError("x_real: the real batch is empty")
+    if N == 0 or C == 0:
+        raise ValueError(f"y_soft: expected a non-empty [N, C] (N base examples, C classes), got {tuple(y_soft.shape)}")
+    if x_base.dim() < 1 or x_base.shape[0] != N:
+        raise ValueError(f"x_base: expected {N} base examples (one per row of y_soft [N, C]), got shape {tuple(x_base.shape)}")
+    if x_real.dim() < 1 or x_real.shape[0] == 0:
+        raise ValueError(f"x_real: expected a non-empty batch of real examples [M, ...], got shape {tuple(x_real.shape)}")
+    M = x_real.shape[0]
     if y_real.dtype in (torch.int64, torch.int32):
-        if tuple(y_real.shape) != (x_real.shape[0],):
-            raise ValueError(f"y_real: expected class indices [{x_real.shape[0]}], got {tuple(y_real.shape)}")
-    elif tuple(y_real.shape) != (x_real.shape[0], C):
-        raise ValueError(f"y_real: expected indices [{x_real.shape[0]}] or soft targets [{x_real.shape[0]}, {C}], got {tuple(y_real.shape)}")
+        if tuple(y_real.shape) != (M,):
+            raise ValueError(f"y_real: expected class indices [{M}], got {tuple(y_real.shape)}")
+    elif y_real.dtype in _FLOATS:
+        if tuple(y_real.shape) != (M, C):
+            raise ValueError(f"y_real: expected indices [{M}] or soft targets [{M}, {C}], got {tuple(y_real.shape)}")
+    else:
+        raise TypeError(f"y_real: expected int64/int32 class indices or float soft targets, got {y_real.dtype}")
     if x_base.dtype != y_soft.dtype or x_real.dtype != y_soft.dtype:
         raise ValueError(f"x_base, x_real: expected dtype {y_soft.dtype} like y_soft, got {x_base.dtype}, {x_real.dtype}")
+    for name, t in (("x_base", x_base), ("x_real", x_real), ("y_real", y_real)):
+        if t.device != y_soft.device:
+            raise ValueError(f"{name}: expected device {y_soft.device} (the device of y_soft), got {t.device}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-    if not float(inner_lr) > 0:
-        raise ValueError(f"inner_lr: expected α > 0, got {inner_lr}")
+    _positive_chunk("outer_chunk", outer_chunk)
+    return _learning_rate("inner_lr", inner_lr)
+
+
+def _learning_rate(name, value, allow_zero=False):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.device.type == "meta":
+            raise TypeError(f"{name}: expected a Python number (or a one-element tensor with a value), got "
+                            f"a tensor of shape {tuple(value.shape)} on {value.device}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite number {'≥' if allow_zero else '>'} 0, got {value}")
+    return value
+
+
+def _check_values(op, enabled, C, **named):
+    """NaN / Inf in the float tensors and class indices outside [0, C) (``check_finite=False`` skips both)."""
+    _check_finite(op, {k: t for k, t in named.items() if t.is_floating_point()}, enabled)
+    check_class_indices(op, {k: t for k, t in named.items() if not t.is_floating_point()}, C, enabled)
 
 
 def _check_classes(model, x_base, C):
@@ -361,7 +436,7 @@ def _check_classes(model, x_base, C):
 
 
 def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto",
-                    precision="fp32"):
+                    precision="fp32", check_finite=None):
     """L_out(ỹ) of second-order LD, differentiable w.r.t. ``y_soft`` (label-distillation §3, eq. 1).
 
     Args:
@@ -374,40 +449,56 @@ def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, red
         precision: "fp32" or "bf16" (fused path only): the network passes under bf16 autocast; the
             soft labels, features fed to the kernels, losses and gradients stay float32
             (:mod:`ddfast.network_passes`).
+        check_finite: raise ``ValueError`` naming the argument when ``y_soft``, ``x_base``, ``x_real``
+            (or float ``y_real``) hold NaN / Inf or ``y_real`` holds an index outside ``[0, C)``; costs
+            one host sync per check. ``None`` reads ``ddfast.settings.check_finite`` (default True);
+            ``False`` skips it in hot loops.
     Returns: scalar L_out; its gradient w.r.t. ``y_soft`` is the label meta-gradient.
-    Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref``.
+
+    Autograd: the fused path is first order (backward and ``torch.func`` ``grad`` / ``jacrev`` /
+    ``jacfwd`` / ``jvp`` / ``vmap`` over label sets); a second derivative raises
+    :class:`ddfast.ops.HigherOrderUnsupportedError`. ``backend="reference"`` is differentiable to any
+    order (:func:`ddfast.reference.label_metagrad.label_meta_loss_ref`).
+    Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_meta_loss_ref``.
     """
-    _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
+    lr = _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk)
+    _check_values("label_meta_loss", check_finite, y_soft.shape[1], y_soft=y_soft, x_base=x_base, x_real=x_real,
+                  y_real=y_real)
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
     check_op_precision(precision, name == "reference")
-    lr = float(inner_lr)
     if name == "reference":
-        metagrad = lambda y: label_metagrad_ref(model, x_base, y, x_real, y_real, lr, reduction)  # noqa: E731
-    else:
-        metagrad = lambda y: _fused_metagrad(  # noqa: E731
-            _KERNELS[name], model, x_base, y, x_real, y_real, lr, reduction, outer_chunk, precision)[:2]
-    return LabelMetagradFunction.apply(y_soft, metagrad)
+        return label_meta_loss_ref(model, x_base, y_soft, x_real, y_real, lr, reduction)
+    kernels = _KERNELS[name]
+
+    def metagrad(y):
+        return _fused_metagrad(kernels, model, x_base, y, x_real, y_real, lr, reduction, outer_chunk, precision)[:2]
+
+    return LabelMetagradFunction.apply(y_soft, metagrad)[0]
 
 
 def label_metagrad(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, reduction="mean", outer_chunk=256, backend="auto",
-                   precision="fp32"):
+                   precision="fp32", check_finite=None):
     """L_out, ∂L_out/∂ỹ (and what LD's model step reuses) of second-order LD.
 
-    Arguments as :func:`label_meta_loss`. Returns a :class:`LabelMetagrad`.
+    Arguments as :func:`label_meta_loss` (``check_finite`` too). Returns a :class:`LabelMetagrad`.
 
     ∂L_out/∂ỹᵢ = (α/N)(vᵢ − (pᵢ·vᵢ)1), vᵢ = Jᵢ∇θ'L_out (label-distillation §3; Appendix B is the
     one-layer sigmoid case α(σ(θ'ᵀx) − y) xᵀx̃).
     """
-    _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction)
+    lr = _validate(model, x_base, y_soft, x_real, y_real, inner_lr, reduction, outer_chunk)
+    if y_soft.device.type == "meta":
+        raise ValueError("y_soft: label_metagrad computes values (it returns outer_correct, a count) and cannot run "
+                         "on meta tensors; label_meta_loss(..., backend=\"reference\") traces shapes on meta")
     _check_classes(model, x_base, y_soft.shape[1])
+    _check_values("label_metagrad", check_finite, y_soft.shape[1], y_soft=y_soft, x_base=x_base, x_real=x_real,
+                  y_real=y_real)
     name = _select(backend, y_soft.device, y_soft.dtype, y_soft.shape[1], "label_metagrad")
     check_op_precision(precision, name == "reference")
     if name == "reference":
-        return LabelMetagrad(*label_metagrad_ref(model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, True))
+        return LabelMetagrad(*label_metagrad_ref(model, x_base, y_soft, x_real, y_real, lr, reduction, True))
     with torch.no_grad():
-        return _fused_metagrad(
-            _KERNELS[name], model, x_base, y_soft, x_real, y_real, float(inner_lr), reduction, outer_chunk, precision
-        )
+        out = _fused_metagrad(_KERNELS[name], model, x_base, y_soft, x_real, y_real, lr, reduction, outer_chunk, precision)
+    return out._replace(outer_correct=int(out.outer_correct))
 
 
 def ridge_logits(z, w, scale=1.0, bias=True):

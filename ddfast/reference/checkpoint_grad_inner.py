@@ -11,9 +11,9 @@ L is the mean cross-entropy; on S it is the soft cross-entropy against q_i = sof
 
     R̂(D, S) = | (1 − α) Σ_t r_t − Σ_t s_t |,        α = (|G| − |A|) / (|D| − |G| + |A|)   (eq. 4)
 
-The reference takes ∇θ L(S, θ_t) with ``create_graph=True`` and differentiates s_t w.r.t. S by a
-second backward (double backward); the graphs of every checkpoint stay alive until the caller's
-backward, so its memory grows with t_m. The truth the fused path is tested against.
+The reference takes ∇θ L(S, θ_t) with ``torch.func.grad`` (differentiable, like ``create_graph=True``)
+and differentiates s_t w.r.t. S by a second backward (double backward); the graphs of every checkpoint
+stay alive until the caller's backward, so its memory grows with t_m. The truth the fused path is tested against.
 """
 
 from __future__ import annotations
@@ -111,17 +111,22 @@ def checkpoint_grad_inner_ref(
     with torch.enable_grad():
         for state in checkpoints:
             params, buffers = _split_state(model, state)
-            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            plist = list(leaves.values())
-            call = lambda x: functional_call(model, {**leaves, **buffers}, (x,))  # noqa: E731
-            v = torch.autograd.grad(real_loss(call(x_p), y_p), plist)
+            theta = {k: t.detach() for k, t in params.items()}
+
+            def loss_at(th, x, y, syn=False):
+                logits = functional_call(model, {**th, **buffers}, (x,))
+                return synthetic_loss(logits, y, label_mode) if syn else real_loss(logits, y)
+
+            # torch.func.grad (functional, no leaves): the gradients stay differentiable w.r.t. images and
+            # soft labels under autograd and every torch.func transform.
+            v = torch.func.grad(loss_at)(theta, x_p, y_p)
             if real is not None:
-                g_d = torch.autograd.grad(real_loss(call(real[0]), real[1]), plist)
-                r_all.append(sum((a * b).sum() for a, b in zip(v, g_d)).detach())
+                g_d = torch.func.grad(loss_at)(theta, real[0], real[1])
+                r_all.append(sum((v[k] * g_d[k]).sum() for k in theta).detach())
             else:
-                r_all.append(x_p.new_zeros((), dtype=plist[0].dtype))
-            g_s = torch.autograd.grad(synthetic_loss(call(images), soft_labels, label_mode), plist, create_graph=True)
-            s_all.append(sum((a * b).sum() for a, b in zip(v, g_s)))
+                r_all.append(x_p.new_zeros((), dtype=next(iter(theta.values())).dtype))
+            g_s = torch.func.grad(loss_at)(theta, images, soft_labels, True)
+            s_all.append(sum((v[k] * g_s[k]).sum() for k in theta))
     if not s_all:
         raise ValueError("checkpoints: expected at least one checkpoint, got none")
     return torch.stack(r_all), torch.stack(s_all)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-__all__ = ["soft_cross_entropy", "outer_loss", "label_metagrad_ref", "head_residual_ref"]
+__all__ = ["soft_cross_entropy", "outer_loss", "label_metagrad_ref", "label_meta_loss_ref", "head_residual_ref"]
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -71,6 +71,29 @@ def label_metagrad_ref(model, x_base, y_soft, x_real, y_real, inner_lr, reductio
         return loss.detach(), grad
     correct = _correct(logits.detach(), y_real)
     return loss.detach(), grad, inner.detach(), {k: g.detach() for k, g in zip(names, g_in)}, correct
+
+
+def label_meta_loss_ref(model, x_base, y_soft, x_real, y_real, inner_lr, reduction="mean"):
+    """L_out(ỹ) as a differentiable function of ``y_soft`` (any order, any ``torch.func`` transform).
+
+    The inner gradient is ``torch.func.grad`` of L_in at θ (functional: no leaves, no ``.item()``, no
+    data-dependent branch), so ``vmap`` over label sets, ``jacrev`` / ``jacfwd`` / ``hessian`` w.r.t.
+    ``y_soft`` and ``create_graph=True`` double backward all go through. Its gradient is
+    ``label_metagrad_ref(...)[1]``. The parameters θ are the model's, detached (constants).
+    """
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def inner(theta):
+        z = functional_call(model, {**theta, **buffers}, (x_base,))
+        if z.shape[-1] != y_soft.shape[-1]:
+            raise ValueError(f"y_soft: the model outputs {z.shape[-1]} classes, but the labels have "
+                             f"C = {y_soft.shape[-1]} columns")
+        return soft_cross_entropy(z, y_soft, reduction)
+
+    g_in = torch.func.grad(inner)(params)
+    stepped = {k: params[k] - inner_lr * g_in[k] for k in params}
+    return outer_loss(functional_call(model, {**stepped, **buffers}, (x_real,)), y_real)
 
 
 def _correct(logits, y):
