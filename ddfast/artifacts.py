@@ -12,7 +12,7 @@ import os
 import tempfile
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 __all__ = ["save_state", "load_state", "write_json_atomic", "read_run", "flatten_tensors", "unflatten_tensors"]
 
@@ -80,14 +80,22 @@ def save_state(path: str, state) -> None:
 
 
 def load_state(path: str):
-    """Inverse of :func:`save_state`."""
+    """Inverse of :func:`save_state`. A missing, damaged or foreign file raises
+    :class:`ddfast.errors.ArtifactError` naming it (a ``FileNotFoundError`` subclass is not used: the
+    error says what to do)."""
+    from ddfast.errors import ArtifactError
+    from ddfast.runs import read_safetensors
+
+    hint = "delete it to start the run again, or restore it from a copy"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_safetensors(path, hint)
     if _META_KEY not in meta:
-        raise ValueError(f"{path}: not a ddfast state file (no '{_META_KEY}' metadata)")
-    return unflatten_tensors(json.loads(meta[_META_KEY]), load_file(path))
+        raise ArtifactError(path, f"not a ddfast state file (no '{_META_KEY}' metadata)", hint)
+    try:
+        return unflatten_tensors(json.loads(meta[_META_KEY]), tensors)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(path, f"damaged state metadata ({type(e).__name__}: {e})", hint) from None
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -101,13 +109,9 @@ def write_json_atomic(path: str, obj) -> None:
 
 def read_run(run_dir: str, method: str) -> tuple[dict, dict]:
     """``(tensors, meta)`` of a distillation run directory: ``distilled.safetensors`` + ``meta.json``
-    (no unpickling). A missing file names the ``ddfast distill <method>`` command that writes it."""
-    path, meta_path = os.path.join(run_dir, "distilled.safetensors"), os.path.join(run_dir, "meta.json")
-    for p in (path, meta_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: missing; distil first with `ddfast distill {method} ... --out {run_dir}`")
-    with safe_open(path, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    return tensors, meta
+    (no unpickling), verified against the run's manifest when it has one (:func:`ddfast.runs.verify_run`).
+    A missing or damaged file raises :class:`ddfast.errors.ArtifactError` naming it and the
+    ``ddfast distill <method>`` command that writes it."""
+    from ddfast.runs import verify_run
+
+    return verify_run(run_dir, method, command=f"ddfast distill {method}")

@@ -340,8 +340,9 @@ def test_cli_writes_a_trajectory(tmp_path, capsys):
     assert traj.steps == [0, 2, 4, 5] and traj.complete
     assert traj.model_options == {"widths": [4, 4], "norm": "instance"}
     assert traj.index["optimizer"]["momentum"] == 0.5
-    with pytest.raises(FileExistsError):
-        main(args)
+    capsys.readouterr()
+    assert main(args) == 1  # a finished run is not overwritten without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
-    with pytest.raises(SystemExit, match="--norm"):
-        main(["trajectory", "--arch", "mlp", "--norm", "batch", "--epochs", "1", "--every", "1", "--out", out])
+    assert main(["trajectory", "--arch", "mlp", "--norm", "batch", "--epochs", "1", "--every", "1", "--out", out]) == 2
+    assert "--norm" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def krr_st_parity(mode: str, target_dir: str, out: str, *, steps: int = 300, run
     opts = mode_options(mode, "krr-st")
     run = os.path.join(out, f"krr-st-{mode}")
     t0 = time.perf_counter()
-    krr, result, _ = distill("mnist", target_dir, out=run, steps=steps, seed=seed, **opts)
+    krr, result, _ = distill("mnist", target_dir, out=run, steps=steps, seed=seed, overwrite=True, **opts)
     seconds = time.perf_counter() - t0
     _, meta = load_distilled(run)
     settings = settings_for_run(TransferSettings(protocol="linear"), meta)
@@ -72,7 +72,8 @@ def ead_parity(mode: str, out: str, *, models: int = 5, seed: int = 0) -> dict:
     opts = mode_options(mode, "ead")
     t0 = time.perf_counter()
     ead, result, data = distill("digits", 10, out=os.path.join(out, f"ead-{mode}"),
-                                trajectory=os.path.join(out, "trajectory-digits"), seed=seed, **opts)
+                                trajectory=os.path.join(out, "trajectory-digits"), seed=seed, overwrite=True,
+                                **opts)
     seconds = time.perf_counter() - t0
     targets = torch.softmax(result.soft_labels, -1)
     ev = evaluate_set(make_model_factory("digits", data), result.images, targets, data, _settings(preset("digits")),

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ddfast.artifacts import _atomic_write, read_run, write_json_atomic
+from ddfast.artifacts import _atomic_write, write_json_atomic
 from ddfast.data import load_dataset
 from ddfast.data.datasets import balanced_subset
 from ddfast.distill.ead import EADConfig, EffectAlignmentDistiller
 from ddfast.evaluate.train import EvalResult, TrainSettings, accuracy, train_on_labels
+from ddfast.runs import dataset_identity, dataset_spec, file_identity, maybe_run_folder, verify_run
 
 __all__ = ["PRESETS", "preset", "trajectory_for", "distill", "load_distilled", "evaluate_set", "ead_table",
            "format_table", "TableRow"]
@@ -42,6 +43,16 @@ PRESETS = {
                   eval=dict(steps=500, batch_size=100, lr=1e-3)),
 }
 PRESETS["fashion-mnist"] = dict(PRESETS["mnist"])
+
+
+# What a finished EAD run folder holds and the value checks each file must pass (recorded in the manifest).
+ARTIFACTS = {
+    "distilled.safetensors": {"tensors": {"images": ["finite"], "soft_labels": ["finite"], "init_images": ["finite"],
+                                          "init_labels": ["finite"], "init_indices": ["integer", "nonnegative"]}},
+    "meta.json": {"values": {"status": ["complete"], "method": ["ead"], "dataset": "present",
+                             "config.objective": ["normalised", "printed"], "iterations": "nonnegative"}},
+}
+COMMAND = "ddfast distill ead"
 
 
 def preset(dataset: str) -> dict:
@@ -75,7 +86,7 @@ def trajectory_for(dataset: str, data, out: str, *, progress: bool = False, seed
 
 
 def distill(dataset: str, ipc: int, *, out: str, trajectory: str | None = None, root: str | None = None,
-            resume: bool = False, progress: bool = False, checkpoint_every: int = 25, process_group=None,
+            resume: bool = False, overwrite: bool = False, progress: bool = False, checkpoint_every: int = 25, process_group=None,
             **overrides):
     """Distil ``dataset`` at ``ipc`` images per class with EAD into the run directory ``out``.
 
@@ -87,29 +98,39 @@ def distill(dataset: str, ipc: int, *, out: str, trajectory: str | None = None, 
     """
     from ddfast.distributed import DistContext
 
-    p = preset(dataset)
-    data = load_dataset(dataset, root)
-    traj_dir = trajectory or os.path.join(os.path.dirname(os.path.abspath(out)), f"trajectory-{dataset}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
     ctx = DistContext(process_group)
-    # Every rank trains a missing trajectory with DistributedDataParallel (rank 0 writes it).
-    traj = trajectory_for(dataset, data, traj_dir, progress=progress and ctx.is_main, process_group=process_group)
-    cfg = EADConfig(**{**p["ead"], "ipc": ipc, **{k: v for k, v in overrides.items() if v is not None}})
-    distiller = EffectAlignmentDistiller(traj, (data.train_x, data.train_y), cfg, process_group=process_group)
-    if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
-        _write_meta(out, distiller, dataset, traj_dir, "running")
-    result = distiller.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
-    if ctx.is_main:
-        save_distilled(out, result)
-        _write_meta(out, distiller, dataset, traj_dir, "complete")
-        _plot(out, data, result)
+    with maybe_run_folder(out, "ead", enabled=ctx.is_main, command=COMMAND,
+                          owned=("images.png", "images_before.png")) as run:
+        p = preset(dataset)
+        data = load_dataset(dataset, root)
+        traj_dir = trajectory or os.path.join(os.path.dirname(os.path.abspath(out)), f"trajectory-{dataset}")
+        # Every rank trains a missing trajectory with DistributedDataParallel (rank 0 writes it).
+        traj = trajectory_for(dataset, data, traj_dir, progress=progress and ctx.is_main, process_group=process_group)
+        cfg = EADConfig(**{**p["ead"], "ipc": ipc, **{k: v for k, v in overrides.items() if v is not None}})
+        distiller = EffectAlignmentDistiller(traj, (data.train_x, data.train_y), cfg, process_group=process_group)
+        if run is not None:
+            spec, abs_root = dataset_spec(dataset, root)
+            inputs = {"data": dataset_identity(data, dataset, root),
+                      "trajectory": file_identity(os.path.join(traj_dir, "trajectory.json"))}
+            resume = run.begin({"method": "ead", "dataset": spec, "root": abs_root, "ead": asdict(distiller.config)},
+                               inputs=inputs, resume=resume, overwrite=overwrite, growable=("ead.iterations",))
+            _write_meta(out, distiller, dataset, traj_dir, "running", root=root, data=inputs["data"])
+        result = distiller.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+        if run is not None:
+            save_distilled(out, result)
+            _write_meta(out, distiller, dataset, traj_dir, "complete", root=root, data=inputs["data"])
+            _plot(out, data, result)
+            run.finish(ARTIFACTS)
     return distiller, result, data
 
 
-def _write_meta(out, distiller, dataset, traj_dir, status):
+def _write_meta(out, distiller, dataset, traj_dir, status, root=None, data=None):
+    spec, root = dataset_spec(dataset, root)
     write_json_atomic(os.path.join(out, "meta.json"), {
-        "method": "ead", "dataset": dataset, "trajectory": os.path.abspath(traj_dir), "status": status,
-        "config": asdict(distiller.config), "coefficient": distiller.coefficient,
+        "method": "ead", "dataset": spec, "root": root, "data": data, "trajectory": os.path.abspath(traj_dir),
+        "status": status, "config": asdict(distiller.config), "coefficient": distiller.coefficient,
         "iterations": distiller.iteration, "seconds": distiller.seconds,
         "history": [{k: v for k, v in h.items() if k != "checkpoints"} for h in distiller.history],
     })
@@ -126,7 +147,7 @@ def save_distilled(out: str, result) -> str:
 
 def load_distilled(run_dir: str):
     """``(tensors, meta)`` of an EAD run directory."""
-    return read_run(run_dir, "ead")
+    return verify_run(run_dir, "ead", defaults=ARTIFACTS, command=COMMAND)
 
 
 def _plot(out, data, result):

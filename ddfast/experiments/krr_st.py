@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 import torch
 from safetensors.torch import save_file
 
-from ddfast.artifacts import _atomic_write, read_run, write_json_atomic
+from ddfast.artifacts import _atomic_write, write_json_atomic
 from ddfast.data import load_dataset
 from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller
 from ddfast.evaluate.train import mean_std
+from ddfast.runs import dataset_identity, dataset_spec, file_identity, maybe_run_folder, verify_run
 from ddfast.ssl.barlow_twins import encode
 
 __all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "settings_for_run", "transfer_rows",
@@ -43,6 +44,16 @@ PRESETS = {
     "digits": dict(image_size=16, targets=("digits",), m=50, steps=300, batch_size=256, pool_steps=100,
                    widths=(16, 32)),
 }
+
+
+# What a finished KRR-ST run folder holds and the value checks each file must pass (recorded in the manifest).
+ARTIFACTS = {
+    "distilled.safetensors": {"tensors": {"images": ["finite"], "targets": ["finite"],
+                                          "init_indices": ["integer", "nonnegative"]}},
+    "meta.json": {"values": {"status": ["done"], "method": ["krr-st"], "dataset": "present", "target": "present",
+                             "image_size": "nonnegative", "config.seed": "present"}},
+}
+COMMAND = "ddfast distill krr-st"
 
 
 def preset(dataset: str) -> dict:
@@ -69,46 +80,68 @@ def _check_target_fits(target, ds, target_dir):
 
 
 def distill(dataset: str, target_dir: str, *, out: str | None = None, root: str | None = None,
-            image_size: int | None = None, resume: bool = False, progress: bool = False,
+            image_size: int | None = None, resume: bool = False, overwrite: bool = False, progress: bool = False,
             checkpoint_every: int = 100, process_group=None, **overrides):
     """Distil ``dataset`` with the target model saved in ``target_dir`` (Algorithm 1).
 
     ``overrides`` set :class:`KRRSTConfig` fields (m, steps, batch_size, lr, pool_steps, widths, init,
     backend, seed, ...); the rest come from :data:`PRESETS`. Returns ``(distiller, result, source)``.
+    ``out`` follows :class:`ddfast.runs.RunFolder` (locked; ``overwrite`` replaces a finished run; ``resume``
+    refuses another configuration, data set or target model; only ``steps`` may grow).
     ``process_group``: distil on the ranks of a ``torch.distributed`` group (every rank calls this with
     the same arguments; rank 0 writes the run directory).
     """
-    p = preset(dataset)
-    image_size = image_size or p["image_size"]
-    fields_ = KRRSTConfig.__dataclass_fields__
-    cfg_kwargs = {k: v for k, v in p.items() if k in fields_}
-    cfg_kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(cfg_kwargs) - set(fields_)
-    if unknown:
-        raise ValueError(f"overrides: unknown KRRSTConfig fields {sorted(unknown)}")
-    config = KRRSTConfig(**cfg_kwargs)
-    target = _load_target_model(target_dir)
-    ds = load_source(dataset, image_size, root)
-    _check_target_fits(target, ds, target_dir)
-    train_targets = encode(target, ds.train_x)
-    krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets, process_group=process_group)
-    write = bool(out) and krr.dist.is_main
-    if write:
-        _write_meta(out, krr, dataset, target_dir, image_size, status="running")
-    result = krr.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
-    if write:
-        save_distilled(out, result, dataset, target_dir, image_size)
-        _write_meta(out, krr, dataset, target_dir, image_size, status="done", result=result)
-        _plots(out, ds, result, train_targets, target)
+    from ddfast.distributed import DistContext
+
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+    main = DistContext(process_group).is_main
+    with maybe_run_folder(out, "krr-st", enabled=main, command=COMMAND, owned=("pca.png", "images.png")) as run:
+        p = preset(dataset)
+        image_size = image_size or p["image_size"]
+        fields_ = KRRSTConfig.__dataclass_fields__
+        cfg_kwargs = {k: v for k, v in p.items() if k in fields_}
+        cfg_kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(cfg_kwargs) - set(fields_)
+        if unknown:
+            raise ValueError(f"overrides: unknown KRRSTConfig fields {sorted(unknown)}")
+        config = KRRSTConfig(**cfg_kwargs)
+        target = _load_target_model(target_dir)
+        ds = load_source(dataset, image_size, root)
+        _check_target_fits(target, ds, target_dir)
+        train_targets = encode(target, ds.train_x)
+        krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets, process_group=process_group)
+        if run is not None:
+            from ddfast.ssl.barlow_twins import TARGET_FILE
+
+            spec, abs_root = dataset_spec(dataset, root)
+            inputs = {"data": dataset_identity(ds, dataset, root),
+                      "target": file_identity(os.path.join(target_dir, TARGET_FILE))}
+            resume = run.begin({"method": "krr-st", "dataset": spec, "root": abs_root, "image_size": image_size,
+                                "krr_st": _config_json(krr)}, inputs=inputs, resume=resume, overwrite=overwrite,
+                               growable=("krr_st.steps",))
+            _write_meta(out, krr, dataset, target_dir, image_size, status="running", root=root, data=inputs["data"])
+        result = krr.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+        if run is not None:
+            save_distilled(out, result, dataset, target_dir, image_size)
+            _write_meta(out, krr, dataset, target_dir, image_size, status="done", result=result, root=root,
+                        data=inputs["data"])
+            _plots(out, ds, result, train_targets, target)
+            run.finish(ARTIFACTS)
     return krr, result, ds
 
 
-def _write_meta(out, krr, dataset, target_dir, image_size, status, result=None):
+def _config_json(krr) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(krr.config).items()}
+
+
+def _write_meta(out, krr, dataset, target_dir, image_size, status, result=None, root=None, data=None):
     from ddfast import __version__
 
-    meta = {"method": "krr-st", "dataset": dataset, "target": os.path.abspath(target_dir), "image_size": image_size,
-            "status": status, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(krr.config).items()},
-            "out_dim": krr.out_dim, "version": __version__}
+    spec, root = dataset_spec(dataset, root)
+    meta = {"method": "krr-st", "dataset": spec, "root": root, "data": data, "target": os.path.abspath(target_dir),
+            "image_size": image_size, "status": status, "config": _config_json(krr), "out_dim": krr.out_dim,
+            "version": __version__}
     if result is not None:
         losses = [h["loss"] for h in result.history]
         k = max(1, min(50, len(losses) // 10))
@@ -131,7 +164,7 @@ def save_distilled(out: str, result, dataset: str, target_dir: str, image_size: 
 
 def load_distilled(run_dir: str) -> tuple[dict, dict]:
     """``(tensors, meta)`` of a KRR-ST run directory (safetensors + JSON, no unpickling)."""
-    tensors, meta = read_run(run_dir, "krr-st")
+    tensors, meta = verify_run(run_dir, "krr-st", defaults=ARTIFACTS, command=COMMAND)
     if meta.get("method") != "krr-st":
         raise ValueError(f"{run_dir}: not a KRR-ST run (method={meta.get('method')!r})")
     return tensors, meta
@@ -182,7 +215,7 @@ def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str
     settings = settings_for_run(settings, meta)
     x_s, y_s = tensors["images"], tensors["targets"]
     m = x_s.shape[0]
-    ds = load_source(meta["dataset"], meta["image_size"], root)
+    ds = load_source(meta["dataset"], meta["image_size"], root or meta.get("root"))
     seed0 = int(meta["config"]["seed"])
     target = _load_target_model(meta["target"])
 

@@ -1,8 +1,11 @@
 """Label-distillation runs: data + base examples + distiller + artifacts, baselines and result tables.
 
-A run directory holds ``distilled.safetensors`` (base images, their indices, soft labels, calibration,
-T), ``meta.json`` (data set, seed, hyper-parameters, version, validation history), ``labels.png``
-and, while running, ``checkpoint.safetensors`` (atomic; ``resume=True`` continues bit-identically).
+A run directory holds ``manifest.json`` (the whole configuration, the data identity, versions, and the
+sha256 and value checks of each artifact: :mod:`ddfast.runs`), ``distilled.safetensors`` (base images,
+their indices, soft labels, calibration, T), ``meta.json`` (data set with absolute paths and its hash,
+seed, hyper-parameters, version, validation history), ``labels.png`` and, while running,
+``checkpoint.safetensors`` (atomic; ``resume=True`` continues bit-identically). A finished run is
+replaced only with ``overwrite=True``; ``resume=True`` refuses a different configuration or data set.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ddfast.artifacts import read_run, write_json_atomic
+from ddfast.artifacts import write_json_atomic
 from ddfast.data import balanced_subset, load_dataset, random_subset
 from ddfast.distill.ld import LDConfig, LabelDistiller, default_inner_batch
 from ddfast.evaluate import EvalResult, TrainSettings, choose_steps, evaluate_labels, steps_grid
 from ddfast.models import build_model
 from ddfast.models.ridge_head import RidgeClassifier
+from ddfast.runs import dataset_identity, dataset_spec, maybe_run_folder, sha256_tensors, verify_run
 
-__all__ = ["PRESETS", "preset", "prepare", "distill", "save_distilled", "load_distilled", "evaluate_run", "baseline", "ld_table"]
+__all__ = ["ARTIFACTS", "PRESETS", "preset", "prepare", "distill", "save_distilled", "load_distilled", "evaluate_run", "baseline", "ld_table"]
 
 # Per-data-set defaults (§4.1 for the 28×28 and CIFAR sets; digits: a quick CPU-scale setting).
 PRESETS = {
@@ -33,6 +37,18 @@ PRESETS = {
     "cifar10": dict(model="alexnet", image_size=32, epochs=400, outer_batch=1024, val_every=5),
     "cifar100": dict(model="alexnet", image_size=32, epochs=800, outer_batch=1024, val_every=5),
 }
+
+
+# What a finished LD run folder holds and the value checks each file must pass (recorded in the manifest).
+ARTIFACTS = {
+    "distilled.safetensors": {"tensors": {
+        "base_images": ["finite"], "base_indices": ["integer", "nonnegative"], "soft_labels": ["probability_rows"],
+        "calibration": ["finite", "scalar"], "steps_to_overfit": ["integer", "nonnegative", "scalar"]}},
+    "meta.json": {"values": {"status": ["done"], "config.variant": ["second_order", "rr"], "config.model": "present",
+                             "dataset": "present", "image_size": "nonnegative", "inner_batch": "nonnegative",
+                             "steps_to_overfit": "nonnegative"}},
+}
+COMMAND = "ddfast distill ld"
 
 
 def preset(dataset: str) -> dict:
@@ -75,51 +91,83 @@ def prepare(dataset: str, base_examples: int, *, source: str | None = None, root
 
 
 def distill(dataset: str, base_examples: int, variant: str = "second_order", *, out: str | None = None,
-            resume: bool = False, source: str | None = None, root: str | None = None, source_root: str | None = None,
-            backend: str = "auto", seed: int = 0, progress: bool = False, prepared: Prepared | None = None,
-            process_group=None, **overrides):
+            resume: bool = False, overwrite: bool = False, source: str | None = None, root: str | None = None,
+            source_root: str | None = None, backend: str = "auto", seed: int = 0, progress: bool = False,
+            prepared: Prepared | None = None, process_group=None, checkpoint_every: int = 1, **overrides):
     """Distil labels; returns ``(distiller, result, prepared)`` and writes the run directory if ``out``.
 
+    ``out`` follows :class:`ddfast.runs.RunFolder`: locked while running; a finished run is replaced only
+    with ``overwrite``; ``resume`` continues the run in ``out`` after checking that the whole configuration
+    and the data are the same (only ``epochs`` may grow), before anything is written.
     ``process_group``: distil on the ranks of a ``torch.distributed`` group (every rank calls this with
     the same arguments; rank 0 writes the run directory)."""
-    opts = preset(dataset)
-    opts.update({k: v for k, v in overrides.items() if v is not None})
-    image_size = opts.pop("image_size", None)
-    prepared = prepared or prepare(dataset, base_examples, source=source, root=root, source_root=source_root,
-                                   image_size=image_size, seed=seed)
-    cfg = LDConfig(variant=variant, seed=seed, backend=backend, **opts)
-    t = prepared.target
-    ld = LabelDistiller(prepared.base_images, (t.train_x, t.train_y), (t.val_x, t.val_y), t.num_classes, cfg,
-                        process_group=process_group)
-    write = bool(out) and ld.dist.is_main
-    if write:
-        os.makedirs(out, exist_ok=True)
-        _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status="running")
-    result = ld.fit(out_dir=out, resume=resume, progress=progress)
-    if write:
-        save_distilled(out, ld, result, prepared)
-        _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status="done", result=result)
-        try:
-            from ddfast.plots import plot_labels
+    from ddfast.distributed import DistContext
 
-            plot_labels(t.unnormalize(prepared.base_images), result.soft_labels, os.path.join(out, "labels.png"),
-                        classes=t.classes, true_labels=prepared.base_true_labels)
-        except ImportError:  # matplotlib is optional
-            pass
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+    main = DistContext(process_group).is_main
+    with maybe_run_folder(out, "ld", enabled=main, command=COMMAND, owned=("labels.png",)) as run:
+        opts = preset(dataset)
+        opts.update({k: v for k, v in overrides.items() if v is not None})
+        image_size = opts.pop("image_size", None)
+        prepared = prepared or prepare(dataset, base_examples, source=source, root=root, source_root=source_root,
+                                       image_size=image_size, seed=seed)
+        cfg = LDConfig(variant=variant, seed=seed, backend=backend, **opts)
+        t = prepared.target
+        ld = LabelDistiller(prepared.base_images, (t.train_x, t.train_y), (t.val_x, t.val_y), t.num_classes, cfg,
+                            process_group=process_group)
+        ident = _identity(prepared, dataset, root, source_root)
+        if run is not None:
+            resume = run.begin(_run_config(ld, prepared, dataset, root, source_root, image_size), inputs=ident,
+                               resume=resume, overwrite=overwrite, growable=("ld.epochs",))
+            _write_meta(out, ld, prepared, dataset, root, source_root, image_size, ident, status="running")
+        elif out and process_group is not None:
+            resume = bool(resume)
+        result = ld.fit(out_dir=out, resume=resume, progress=progress, checkpoint_every=checkpoint_every)
+        if run is not None:
+            save_distilled(out, ld, result, prepared)
+            _write_meta(out, ld, prepared, dataset, root, source_root, image_size, ident, status="done", result=result)
+            try:
+                from ddfast.plots import plot_labels
+
+                plot_labels(t.unnormalize(prepared.base_images), result.soft_labels, os.path.join(out, "labels.png"),
+                            classes=t.classes, true_labels=prepared.base_true_labels)
+            except ImportError:  # matplotlib is optional
+                pass
+            run.finish(ARTIFACTS)
     return ld, result, prepared
 
 
-def _write_meta(out, ld, prepared, dataset, root, source_root, image_size, status, result=None):
+def _identity(prepared, dataset, root, source_root) -> dict:
+    ident = {"data": dataset_identity(prepared.target, dataset, root),
+             "base_examples_sha256": sha256_tensors(prepared.base_images, prepared.base_indices)}
+    if prepared.source != dataset:
+        ident["source"] = {"name": dataset_spec(prepared.source, source_root)[0],
+                           "root": dataset_spec(prepared.source, source_root)[1]}
+    return ident
+
+
+def _run_config(ld, prepared, dataset, root, source_root, image_size) -> dict:
+    spec, root = dataset_spec(dataset, root)
+    return {"method": "ld", "dataset": spec, "root": root, "source": prepared.source,
+            "source_root": dataset_spec(prepared.source, source_root)[1], "image_size": prepared.target.image_size,
+            "base_examples": int(prepared.base_images.shape[0]), "inner_batch": ld.inner_batch,
+            "stats_gap": ld.stats_gap, "ld": asdict(ld.config)}
+
+
+def _write_meta(out, ld, prepared, dataset, root, source_root, image_size, ident, status, result=None):
     from ddfast import __version__
 
+    spec, root = dataset_spec(dataset, root)
     meta = {
         "format": "ddfast.ld/1",
         "version": __version__,
         "status": status,
-        "dataset": dataset,
+        "dataset": spec,
         "source": prepared.source,
         "root": root,
-        "source_root": source_root,
+        "source_root": dataset_spec(prepared.source, source_root)[1],
+        "data": ident["data"],
         "image_size": prepared.target.image_size,
         "num_classes": prepared.target.num_classes,
         "base_examples": int(prepared.base_images.shape[0]),
@@ -160,8 +208,9 @@ def save_distilled(out: str, ld: LabelDistiller, result, prepared: Prepared) -> 
 
 
 def load_distilled(run_dir: str) -> tuple[dict, dict]:
-    """``(tensors, meta)`` of a run directory; reads safetensors + JSON only (no unpickling)."""
-    return read_run(run_dir, "ld")
+    """``(tensors, meta)`` of a finished run directory, every artifact verified against the manifest
+    (sha256 and value checks; :func:`ddfast.runs.verify_run`); safetensors + JSON only, no unpickling."""
+    return verify_run(run_dir, "ld", defaults=ARTIFACTS, command=COMMAND)
 
 
 def _factory(model: str, channels: int, num_classes: int, image_size: int, rr: bool):
@@ -172,10 +221,31 @@ def _factory(model: str, channels: int, num_classes: int, image_size: int, rr: b
     return make
 
 
-def evaluate_run(run_dir: str, models: int = 20, seed: int = 0, backend: str = "auto") -> EvalResult:
-    """Train ``models`` fresh models on a run's base images + labels for its T steps; test accuracy (§4.1)."""
-    tensors, meta = load_distilled(run_dir)
+def load_run_data(run_dir: str, meta: dict, split: str = "test"):
+    """The run's target data set (absolute path from ``meta.json``), checked against the recorded hash."""
+    from ddfast.errors import RunFolderError
+
     target = load_dataset(meta["dataset"], meta.get("root"), image_size=meta["image_size"])
+    recorded = (meta.get("data") or {}).get("sha256", {}).get(split)
+    if recorded is not None:
+        now = sha256_tensors(getattr(target, f"{split}_x"), getattr(target, f"{split}_y"))
+        if now != recorded:
+            raise RunFolderError(f"{run_dir}: the {split} split of {meta['dataset']!r} (root {meta.get('root')!r}) "
+                                 "is not the data this run was distilled on (sha256 differs); restore that data set")
+    return target
+
+
+def evaluate_run(run_dir: str, models: int = 20, seed: int = 0, backend: str = "auto") -> EvalResult:
+    """Train ``models`` fresh models on a run's base images + labels for its T steps; test accuracy (§4.1).
+    Writes ``eval.json`` into the run directory."""
+    from ddfast.runs import RunFolder
+
+    if isinstance(models, bool) or not isinstance(models, int) or models < 1:
+        raise ValueError(f"models: expected a positive int, got {models!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    tensors, meta = load_distilled(run_dir)
+    target = load_run_data(run_dir, meta)
     cfg = meta["config"]
     make = _factory(cfg["model"], target.channels, target.num_classes, target.image_size, cfg["variant"] == "rr")
     settings = TrainSettings(steps=int(tensors["steps_to_overfit"]), batch_size=int(meta["inner_batch"]), lr=cfg["lr"],
@@ -183,8 +253,10 @@ def evaluate_run(run_dir: str, models: int = 20, seed: int = 0, backend: str = "
                              calibration_lr=cfg["calibration_lr"], backend=backend)
     res = evaluate_labels(make, tensors["base_images"], tensors["soft_labels"], target.test_x, target.test_y,
                           settings, models, seed)
-    write_json_atomic(os.path.join(run_dir, "eval.json"), {"models": models, "seed": seed, "accuracies": res.accuracies,
-                                                          "mean": res.mean, "std": res.std})
+    with RunFolder(run_dir, "ld"):  # no writer may be active while eval.json is written
+        write_json_atomic(os.path.join(run_dir, "eval.json"), {"models": models, "seed": seed,
+                                                              "accuracies": res.accuracies, "mean": res.mean,
+                                                              "std": res.std})
     return res
 
 
@@ -227,7 +299,7 @@ def ld_table(dataset: str = "digits", base_examples=(10, 100), *, models: int = 
         for variant, name in (("second_order", "LD"), ("rr", "LD RR")):
             run = os.path.join(out, f"{dataset}-{n}-{variant}") if out else None
             ld, result, prepared = distill(dataset, n, variant, out=run, root=root, backend=backend, seed=seed,
-                                           progress=progress, prepared=prepared, **overrides)
+                                           progress=progress, prepared=prepared, resume=bool(run), **overrides)
             res = ld.evaluate(prepared.target.test_x, prepared.target.test_y, models=models, seed=seed)
             rows[name].cells[n] = (res, result.steps_to_overfit)
             print_fn(f"{name:<15} {n:>4} base examples: {res}  (T={result.steps_to_overfit}, "

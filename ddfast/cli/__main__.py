@@ -1,0 +1,5 @@
+import sys
+
+from ddfast.cli import main
+
+sys.exit(main())
