@@ -1,36 +1,40 @@
-// Fused residuals of the per-example label meta-gradient on CUDA: one warp per row, kRowsPerBlock
-// rows (warps) per block, warp-shuffle reductions, max-subtracted softmax.
+// Fused residuals of the per-example label meta-gradient on CUDA, max-subtracted softmax, warp-shuffle
+// reductions.
 //
 //   fwd: p = softmax(Z), s_i = Σ_c Y_ic, R = scale·(p·s − Y), loss_rows_i = −Σ_c Y_ic log_softmax(Z)_ic
+//        one warp per row, kRowsPerBlock rows (warps) per block.
 //   bwd: v = H GWᵀ + gb + Vb, p = softmax(Z), out = scale·(v − (p·v)1)
-//
-// The bwd GEMM runs kClassTile classes at a time: the lanes of the row's warp split d (coalesced
-// loads of H and GW rows), one warp sum per class; v goes straight into the output row, which the
-// same warp then turns into the residual in place (no N×C intermediate besides the output).
+//        one block per kBwdRows rows. H is read once: 64 of its columns at a time are staged in shared
+//        memory for the block's rows, and every 32-class tile of GW is staged against them; each
+//        thread accumulates its (row, class) entries of v into the output rows (which start as
+//        gb + Vb). Then one warp per row turns v into the residual in place. No N×C intermediate
+//        besides the output.
 //
 // Seed: label-distillation §3 eq. 1, Appendix B.
 // Equivalent PyTorch: ddfast.reference.label_metagrad (soft_cross_entropy, head_residual_ref).
 // Built with -DDDFAST_HOST_EMULATION (tests/test_cuda_compile_label_metagrad.py) the kernels compile
-// as host C++ with a warp of one lane (DDFAST_WARP_SIZE 1), which checks their arithmetic and row
-// indexing on a machine without a GPU.
+// as host C++ and run under tests/cuda_host_emulation_runtime.h (cooperative threads, warps of 32).
 #ifndef DDFAST_HOST_EMULATION
 #include <cuda_runtime.h>
 
 #include <cmath>
+#endif
 
 #include "label_metagrad.h"
-#define DDFAST_WARP_SIZE 32
-#define DDFAST_SHFL_XOR(v, o) __shfl_xor_sync(0xffffffffu, (v), (o))
-#define DDFAST_SYNCWARP() __syncwarp()
-#endif
 
 namespace ddfast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = DDFAST_WARP_SIZE;
-constexpr int kRowsPerBlock = 8;  // warps (rows) per block on the device
-constexpr int kClassTile = 8;     // classes accumulated per pass over a row of H
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;   // fwd: warps (rows) per block
+constexpr int kBwdThreads = 256;   // bwd: threads per block
+constexpr int kBwdWarps = kBwdThreads / kWarp;
+constexpr int kBwdRows = 16;       // bwd: rows of H per block
+constexpr int kBwdClasses = 32;    // bwd: classes per staged tile of GW (one per lane)
+constexpr int kBwdDepth = 64;      // bwd: columns of H and GW staged per step
+constexpr int kBwdRowsPerWarp = kBwdRows / kBwdWarps;
+static_assert(kBwdClasses == kWarp && kBwdRows % kBwdWarps == 0, "bwd tile shape");
 
 enum LabelMetagradError : int {
   kLmgOk = 0,
@@ -40,14 +44,14 @@ enum LabelMetagradError : int {
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += DDFAST_SHFL_XOR(v, o);
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
   for (int o = kWarp / 2; o > 0; o >>= 1) {
-    const T w = DDFAST_SHFL_XOR(v, o);
+    const T w = __shfl_xor_sync(0xffffffffu, v, o);
     v = w > v ? w : v;
   }
   return v;
@@ -90,55 +94,89 @@ __global__ void label_metagrad_fwd_kernel(const T* __restrict__ Z, const T* __re
   if (lane == 0) loss[row] = ce;
 }
 
-// out doubles as the scratch for v (written and re-read by the row's own warp).
+// out doubles as the accumulator of v: entry (row0 + warp + 8q, c0 + lane) belongs to one thread
+// until the barrier before the epilogue.
 template <typename T>
-__global__ void label_metagrad_bwd_kernel(const T* __restrict__ H, const T* __restrict__ GW,
-                                          const T* __restrict__ gb, const T* __restrict__ Vb,
-                                          const T* __restrict__ Z, T* __restrict__ out, int64_t N,
-                                          int64_t d, int C, T scale) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = warp_row();
-  if (row >= N) return;
-  const T* h = H + row * d;
-  const T* z = Z + row * C;
-  T* o = out + row * C;
+__global__ void __launch_bounds__(kBwdThreads)
+label_metagrad_bwd_kernel(const T* __restrict__ H, const T* __restrict__ GW, const T* __restrict__ gb,
+                          const T* __restrict__ Vb, const T* __restrict__ Z, T* __restrict__ out, int64_t N,
+                          int64_t d, int C, T scale) {
+  __shared__ T Hs[kBwdRows][kBwdDepth + 1];     // odd row stride: Gs[lane][k] hits 32 banks
+  __shared__ T Gs[kBwdClasses][kBwdDepth + 1];
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int rows = N - row0 < kBwdRows ? static_cast<int>(N - row0) : kBwdRows;
 
-  for (int c0 = 0; c0 < C; c0 += kClassTile) {
-    const int nc = C - c0 < kClassTile ? C - c0 : kClassTile;
-    const T* g = GW + static_cast<int64_t>(c0) * d;
-    T acc[kClassTile];
+  for (int c0 = 0; c0 < C; c0 += kBwdClasses) {
+    const int c = c0 + lane;
+    if (c >= C) continue;
 #pragma unroll
-    for (int j = 0; j < kClassTile; ++j) acc[j] = T(0);
-    for (int64_t k = lane; k < d; k += kWarp) {
-      const T hk = h[k];
-#pragma unroll
-      for (int j = 0; j < kClassTile; ++j)
-        if (j < nc) acc[j] += hk * g[j * d + k];
-    }
-#pragma unroll
-    for (int j = 0; j < kClassTile; ++j) {
-      const T v = warp_sum(acc[j]);
-      if (j < nc && lane == j % kWarp) {
-        const int c = c0 + j;
-        o[c] = v + (gb != nullptr ? gb[c] : T(0)) + (Vb != nullptr ? Vb[row * C + c] : T(0));
+    for (int q = 0; q < kBwdRowsPerWarp; ++q) {
+      const int r = warp + kBwdWarps * q;
+      if (r < rows) {
+        const int64_t o = (row0 + r) * C + c;
+        out[o] = (gb != nullptr ? gb[c] : T(0)) + (Vb != nullptr ? Vb[o] : T(0));
       }
     }
   }
-  DDFAST_SYNCWARP();  // v written by other lanes of this warp is read below
-
-  T m = -static_cast<T>(INFINITY);
-  for (int c = lane; c < C; c += kWarp) m = z[c] > m ? z[c] : m;
-  m = warp_max(m);
-  T S = T(0), pv = T(0);
-  for (int c = lane; c < C; c += kWarp) {
-    const T e = exp(z[c] - m);
-    S += e;
-    pv += e * o[c];
+  for (int64_t k0 = 0; k0 < d; k0 += kBwdDepth) {
+    const int kc = d - k0 < kBwdDepth ? static_cast<int>(d - k0) : kBwdDepth;
+    __syncthreads();  // the previous Hs and Gs are consumed
+    for (int e = tid; e < kBwdRows * kc; e += kBwdThreads) {
+      const int r = e / kc, k = e % kc;
+      Hs[r][k] = r < rows ? H[(row0 + r) * d + k0 + k] : T(0);
+    }
+    for (int c0 = 0; c0 < C; c0 += kBwdClasses) {
+      const int cc = C - c0 < kBwdClasses ? C - c0 : kBwdClasses;
+      if (c0 > 0) __syncthreads();  // the previous Gs is consumed
+      for (int e = tid; e < cc * kc; e += kBwdThreads) {
+        const int c = e / kc, k = e % kc;
+        Gs[c][k] = GW[static_cast<int64_t>(c0 + c) * d + k0 + k];
+      }
+      __syncthreads();
+      if (lane < cc) {
+        T acc[kBwdRowsPerWarp];
+#pragma unroll
+        for (int q = 0; q < kBwdRowsPerWarp; ++q) acc[q] = T(0);
+        for (int k = 0; k < kc; ++k) {
+          const T g = Gs[lane][k];
+#pragma unroll
+          for (int q = 0; q < kBwdRowsPerWarp; ++q) acc[q] += Hs[warp + kBwdWarps * q][k] * g;
+        }
+#pragma unroll
+        for (int q = 0; q < kBwdRowsPerWarp; ++q) {
+          const int r = warp + kBwdWarps * q;
+          if (r < rows) out[(row0 + r) * C + c0 + lane] += acc[q];
+        }
+      }
+    }
   }
-  S = warp_sum(S);
-  pv = warp_sum(pv) / S;
-  for (int c = lane; c < C; c += kWarp) o[c] = scale * (o[c] - pv);
+  __syncthreads();  // v of every row is complete and visible to the block
+
+  for (int r = warp; r < rows; r += kBwdWarps) {
+    const int64_t row = row0 + r;
+    const T* z = Z + row * C;
+    T* o = out + row * C;
+    T m = -static_cast<T>(INFINITY);
+    for (int c = lane; c < C; c += kWarp) m = z[c] > m ? z[c] : m;
+    m = warp_max(m);
+    T S = T(0), pv = T(0);
+    for (int c = lane; c < C; c += kWarp) {
+      const T e = exp(z[c] - m);
+      S += e;
+      pv += e * o[c];
+    }
+    S = warp_sum(S);
+    pv = warp_sum(pv) / S;
+    for (int c = lane; c < C; c += kWarp) o[c] = scale * (o[c] - pv);
+  }
 }
+
+// Grids of the launchers (also used by the host emulation).
+inline unsigned label_metagrad_fwd_blocks(int64_t N) {
+  return static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+}
+inline unsigned label_metagrad_bwd_blocks(int64_t N) { return static_cast<unsigned>((N + kBwdRows - 1) / kBwdRows); }
 
 }  // namespace
 
@@ -155,10 +193,6 @@ const char* label_metagrad_error_string(int code) {
 
 namespace {
 
-unsigned blocks_for(int64_t N) {
-  return static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
-}
-
 bool sizes_ok(int64_t N, int64_t d, int64_t C) {
   return N >= 0 && d >= 0 && C >= 0 && C <= 0x7fffffff && (N + kRowsPerBlock - 1) / kRowsPerBlock <= 0x7fffffff;
 }
@@ -170,7 +204,7 @@ int label_metagrad_fwd_launch(const T* Z, const T* Y, T* R, T* loss_rows, int64_
                               double scale, cudaStream_t stream) {
   if (!sizes_ok(N, 0, C)) return kLmgTooLarge;
   if (N == 0) return kLmgOk;
-  label_metagrad_fwd_kernel<T><<<blocks_for(N), kRowsPerBlock * kWarp, 0, stream>>>(
+  label_metagrad_fwd_kernel<T><<<label_metagrad_fwd_blocks(N), kRowsPerBlock * kWarp, 0, stream>>>(
       Z, Y, R, loss_rows, N, static_cast<int>(C), static_cast<T>(scale));
   return cudaGetLastError() == cudaSuccess ? kLmgOk : kLmgLaunch;
 }
@@ -180,7 +214,7 @@ int label_metagrad_bwd_launch(const T* H, const T* GW, const T* gb, const T* Vb,
                               int64_t N, int64_t d, int64_t C, double scale, cudaStream_t stream) {
   if (!sizes_ok(N, d, C)) return kLmgTooLarge;
   if (N == 0 || C == 0) return kLmgOk;
-  label_metagrad_bwd_kernel<T><<<blocks_for(N), kRowsPerBlock * kWarp, 0, stream>>>(
+  label_metagrad_bwd_kernel<T><<<label_metagrad_bwd_blocks(N), kBwdThreads, 0, stream>>>(
       H, GW, gb, Vb, Z, out, N, d, static_cast<int>(C), static_cast<T>(scale));
   return cudaGetLastError() == cudaSuccess ? kLmgOk : kLmgLaunch;
 }
