@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("suite", help="benchmark suites: run, report, list, cell",
                               description="Benchmark suites over methods × data sets × sizes × seeds (docs/suite.md).")
     _add_commands(p)
-    p.set_defaults(func=dispatch)
+    p.set_defaults(func=dispatch, handler=dispatch)
     return p
 
 
