@@ -9,6 +9,10 @@
 * ``_relu_max_pool2d_bwd_kernel`` — one lane per input element: ``grad_in = 0 + grad_out`` at the
   coded window position, 0 elsewhere (and on the last row / column of an odd H / W).
 
+Lanes walk the result in its memory order (NHWC, channels innermost, for channels_last tensors, so
+neighbouring lanes touch neighbouring addresses); index math is int32 unless a lane index or an element
+offset can reach 2³¹ (``_needs_int64``), which selects an int64 specialization.
+
 Bit for bit ``F.max_pool2d(F.relu(x), 2)`` and its gradient (first maximum by strict ``>``, NaN
 wins, ``relu(−0) = −0``, −0 gradients become +0 as in max_pool2d's accumulation).
 Equivalent PyTorch: ``ddfast.reference.relu_max_pool2d.relu_max_pool2d_ref``.
@@ -37,6 +41,9 @@ __all__ = [
 NO_GRAD = 4
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _BLOCK = 1024
+#: Index math runs in int32 while every lane index and element offset stays below this; above it the
+#: kernels are specialized for int64 (INT64=True).
+_INT32_LIMIT = 2**31
 
 from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton  # noqa: F401,E402
 
@@ -50,17 +57,32 @@ if TRITON_AVAILABLE:
         s_xn, s_xc, s_xh, s_xw,
         s_on, s_oc, s_oh, s_ow,
         WIDEN: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """OUT, CODE [N, C, OH, OW] (strides s_o*) from X [N, C, H, W]; lanes over outputs in NCHW order."""
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        """OUT, CODE [N, C, OH, OW] (strides s_o*) from X [N, C, H, W]; lanes over outputs in the order of
+        OUT's memory (NHWC: channels innermost, so a warp reads and writes consecutive channels). Index
+        math in int32 unless INT64 (an offset or the lane count may reach 2³¹)."""
+        if INT64:
+            idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < total
-        j = idx % OW
-        t = idx // OW
-        i = t % OH
-        t = t // OH
-        c = t % C
-        n = t // C
+        if CHANNELS_LAST:
+            c = idx % C
+            t = idx // C
+            j = t % OW
+            t = t // OW
+            i = t % OH
+            n = t // OH
+        else:
+            j = idx % OW
+            t = idx // OW
+            i = t % OH
+            t = t // OH
+            c = t % C
+            n = t // C
         p = X + n * s_xn + c * s_xc + (2 * i) * s_xh + (2 * j) * s_xw
         a = tl.load(p, mask=mask, other=0.0)
         b = tl.load(p + s_xw, mask=mask, other=0.0)
@@ -91,17 +113,31 @@ if TRITON_AVAILABLE:
         s_kn, s_kc, s_kh, s_kw,
         s_in, s_ic, s_ih, s_iw,
         WIDEN: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """GI [N, C, H, W] (strides s_i*) from G and CODE [N, C, OH, OW]; lanes over inputs in NCHW order."""
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        """GI [N, C, H, W] (strides s_i*) from G and CODE [N, C, OH, OW]; lanes over inputs in the order of
+        GI's memory (NHWC: channels innermost). Index math in int32 unless INT64."""
+        if INT64:
+            idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < total
-        w = idx % W
-        t = idx // W
-        h = t % H
-        t = t // H
-        c = t % C
-        n = t // C
+        if CHANNELS_LAST:
+            c = idx % C
+            t = idx // C
+            w = t % W
+            t = t // W
+            h = t % H
+            n = t // H
+        else:
+            w = idx % W
+            t = idx // W
+            h = t % H
+            t = t // H
+            c = t % C
+            n = t // C
         i = h // 2
         j = w // 2
         inside = mask & (i < OH) & (j < OW)
@@ -110,7 +146,7 @@ if TRITON_AVAILABLE:
         if WIDEN:
             g = g.to(tl.float32)
         pos = (h % 2) * 2 + (w % 2)
-        v = tl.where(k.to(tl.int64) == pos, g + 0.0, 0.0)  # 0 + g: −0 → +0
+        v = tl.where(k.to(tl.int32) == pos, g + 0.0, 0.0)  # 0 + g: −0 → +0
         tl.store(GI + n * s_in + c * s_ic + h * s_ih + w * s_iw, v.to(GI.dtype.element_ty), mask=mask)
 
 
@@ -145,6 +181,15 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _needs_int64(total: int, *tensors: torch.Tensor) -> bool:
+    """Whether a lane index (< total rounded up to a block) or an element offset of any tensor can reach
+    ``_INT32_LIMIT`` (offsets: Σ (size − 1)·|stride| over the dimensions)."""
+    reach = total + _BLOCK
+    for t in tensors:
+        reach = max(reach, sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0) + 1)
+    return reach >= _INT32_LIMIT
+
+
 def relu_max_pool2d_fwd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, code)`` of the fused ReLU + 2×2 max-pool.
 
@@ -173,6 +218,8 @@ def relu_max_pool2d_fwd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         total, C, H // 2, W // 2,
         *x.stride(), *out.stride(),
         WIDEN=x.dtype == torch.bfloat16,
+        CHANNELS_LAST=fmt is torch.channels_last,
+        INT64=_needs_int64(total, x, out),
         BLOCK=_BLOCK,
     )
     return out, code
@@ -204,6 +251,8 @@ def relu_max_pool2d_bwd(grad_out: torch.Tensor, code: torch.Tensor, H: int, W: i
         total, C, H, W, OH, OW,
         *grad_out.stride(), *code.stride(), *gi.stride(),
         WIDEN=grad_out.dtype == torch.bfloat16,
+        CHANNELS_LAST=channels_last,
+        INT64=_needs_int64(total, grad_out, code, gi),
         BLOCK=_BLOCK,
     )
     return gi
