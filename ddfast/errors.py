@@ -24,6 +24,12 @@ class BackendUnavailableError(DDFastError, RuntimeError):
     """No backend can run the given inputs; the message lists every backend and why."""
 
 
+class HigherOrderUnsupportedError(DDFastError, RuntimeError):
+    """A second derivative (double backward, ``torch.func.hessian``, a jvp of a gradient, ...) was taken
+    through a fused path that is exact to first order only; the message names the op and what to use
+    instead (its ``backend="reference"``)."""
+
+
 class ArtifactError(DDFastError, ValueError):
     """A stored artifact (run folder file, checkpoint, target model, trajectory) is missing, unreadable,
     damaged or fails a value check. ``path`` names the file, ``problem`` what failed, ``hint`` what to do."""

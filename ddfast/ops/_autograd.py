@@ -2,7 +2,7 @@
 
 * :func:`first_order_only` — a closed-form backward (or forward-mode rule) that is exact to first
   order but not differentiable itself returns its result through this node. It is the identity
-  forward; its backward and its forward-mode rule raise :class:`HigherOrderUnsupportedError`, so a
+  forward; its backward and its forward-mode rule raise :class:`ddfast.errors.HigherOrderUnsupportedError`, so a
   second derivative (``create_graph=True`` then a second backward, ``torch.func.hessian``,
   ``jacrev(jacrev(f))``, ``jacfwd(jacfwd(f))``, ``grad(grad(f))``) is an error, never a silent zero.
   First-order ``torch.func.grad`` / ``jacrev`` / ``jacfwd`` / ``jvp`` are unaffected.
@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ddfast.errors import HigherOrderUnsupportedError
+
 __all__ = [
     "HigherOrderUnsupportedError",
     "batch_first",
@@ -29,8 +31,6 @@ __all__ = [
 ]
 
 
-class HigherOrderUnsupportedError(RuntimeError):
-    """A second derivative (double backward, forward-over-reverse, ...) of a first-order fused path."""
 
 
 class _FirstOrderOnly(torch.autograd.Function):

@@ -340,7 +340,7 @@ class CheckpointGradInnerFunction(torch.autograd.Function):
     returns ``[t_m]`` vectors and keeps t_m of them. ``r`` is not differentiable (it does not depend
     on S). Backward: ∂/∂S = Σ_t grad_s[t] ∂s_t/∂S; forward mode: s_t' = ⟨∂s_t/∂images, images'⟩ +
     ⟨∂s_t/∂soft_labels, soft_labels'⟩ (both exact to first order; a second derivative raises
-    :class:`ddfast.ops.HigherOrderUnsupportedError`). ``vmap`` over synthetic sets runs the op once per set
+    :class:`ddfast.errors.HigherOrderUnsupportedError`). ``vmap`` over synthetic sets runs the op once per set
     (re-iterable checkpoints only). ``needs``: which S-gradients to compute (default both). Outputs
     3 and 4 are those gradients (not differentiable; None when not computed).
     """
@@ -453,7 +453,7 @@ def checkpoint_grad_inner(
 
     Autograd: the fused path is first order (backward, and ``torch.func`` ``grad`` / ``jacrev`` / ``jacfwd`` /
     ``jvp`` / ``vmap`` over synthetic sets); a second derivative raises
-    :class:`ddfast.ops.HigherOrderUnsupportedError`. The reference path is differentiable again.
+    :class:`ddfast.errors.HigherOrderUnsupportedError`. The reference path is differentiable again.
 
     Equivalent PyTorch: ``ddfast.reference.checkpoint_grad_inner.checkpoint_grad_inner_ref``.
     """

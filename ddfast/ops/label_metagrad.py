@@ -324,7 +324,7 @@ class LabelMetagradFunction(torch.autograd.Function):
 
     ``metagrad(ỹ) -> (L_out, ∂L_out/∂ỹ)`` is the fused closed form. Backward: ``g · ∂L_out/∂ỹ``;
     forward mode: ``⟨∂L_out/∂ỹ, ỹ_t⟩`` (both exact to first order; a second derivative raises
-    :class:`ddfast.ops.HigherOrderUnsupportedError`). ``vmap`` over label sets runs one meta-gradient
+    :class:`ddfast.errors.HigherOrderUnsupportedError`). ``vmap`` over label sets runs one meta-gradient
     per set (each set steps the model differently; nothing to fold). The second output is not
     differentiable.
     """
@@ -457,7 +457,7 @@ def label_meta_loss(model, x_base, y_soft, x_real, y_real, *, inner_lr=0.01, red
 
     Autograd: the fused path is first order (backward and ``torch.func`` ``grad`` / ``jacrev`` /
     ``jacfwd`` / ``jvp`` / ``vmap`` over label sets); a second derivative raises
-    :class:`ddfast.ops.HigherOrderUnsupportedError`. ``backend="reference"`` is differentiable to any
+    :class:`ddfast.errors.HigherOrderUnsupportedError`. ``backend="reference"`` is differentiable to any
     order (:func:`ddfast.reference.label_metagrad.label_meta_loss_ref`).
     Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_meta_loss_ref``.
     """

@@ -252,7 +252,8 @@ class ReluMaxPool2dBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, g_t, *_):
         (code,) = ctx.saved_tensors
-        return ctx.kernels.bwd(g_t, code, *ctx.geometry)
+        # Through the Function (not the raw kernel): its vmap rule folds a batched tangent (jacfwd).
+        return ReluMaxPool2dBackward.apply(g_t, code, ctx.kernels, *ctx.geometry)
 
     @staticmethod
     def vmap(info, in_dims, grad_out, code, kernels, H, W, channels_last):
