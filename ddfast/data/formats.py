@@ -56,7 +56,7 @@ def _check_file(path: PathLike, hint: str = "") -> Path:
 
 
 MAX_EXPANSION = 64  # decompressed / compressed size allowed (MNIST's gzip files expand ~5×; zeros ~1000×)
-MAX_SLACK_BYTES = 64 << 20
+MAX_SLACK_BYTES = 16 << 20
 
 
 def _decompressed_limit(compressed_bytes: int) -> int:
