@@ -1,26 +1,12 @@
-// Host emulation of csrc/cuda/ghost_products.cu: a warp of one lane, so every thread owns one output;
-// the threads of a block and then the blocks run in turn. Reads raw float64 inputs written by
+// Host emulation of csrc/cuda/ghost_products.cu under tests/cuda_host_emulation_runtime.h: cooperative
+// threads, warps of 32, the launchers' grids and block size. Reads raw float64 inputs written by
 // tests/test_cuda_compile_ghost_products.py, runs the kernels in float64 or float32, and writes the
 // outputs as float64.
 //
-// usage: emu DIR N1 P1 N2 P2 K O f32|f64 threads_per_block
+// usage: emu DIR N1 P1 N2 P2 K O f32|f64
 //   inputs  DIR/{A1,G1,A2,G2,V}: [N1,P1,K], [N1,P1,O], [N2,P2,K], [N2,P2,O], [O,K]
 //   outputs DIR/{bilinear [N1], norms_ghost [N1], norms_mat [N1], inner [N1,N2], W [N1,O,K]}
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
-
-#define DDFAST_HOST_EMULATION 1
-#define DDFAST_WARP_SIZE 1
-#define DDFAST_SHFL_XOR(v, o) (v)
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__
-struct Dim3 { unsigned x; };
-static Dim3 threadIdx{0}, blockDim{1}, blockIdx{0};
+#include "cuda_host_emulation_runtime.h"
 
 #include GHOST_PRODUCTS_CU
 
@@ -44,23 +30,8 @@ static void save(const char* dir, const char* name, const std::vector<T>& v) {
   std::fclose(f);
 }
 
-// Every (block, thread) of a grid of ceil(count / threads) blocks, as the launchers size it per warp.
-template <typename F>
-static void run_grid(int64_t count, unsigned threads, F&& body) {
-  blockDim.x = threads;
-  const int64_t blocks = (count + threads - 1) / threads;
-  for (int64_t b = 0; b < blocks; ++b) {
-    blockIdx.x = static_cast<unsigned>(b);
-    for (unsigned t = 0; t < threads; ++t) {
-      threadIdx.x = t;
-      body();
-    }
-  }
-}
-
 template <typename T>
-static void run(const char* dir, int64_t N1, int64_t P1, int64_t N2, int64_t P2, int64_t K, int64_t O,
-                unsigned threads) {
+static void run(const char* dir, int64_t N1, int64_t P1, int64_t N2, int64_t P2, int64_t K, int64_t O) {
   auto cast = [](const std::vector<double>& v) { return std::vector<T>(v.begin(), v.end()); };
   const auto A1 = cast(load(dir, "A1", size_t(N1 * P1 * K))), G1 = cast(load(dir, "G1", size_t(N1 * P1 * O)));
   const auto A2 = cast(load(dir, "A2", size_t(N2 * P2 * K))), G2 = cast(load(dir, "G2", size_t(N2 * P2 * O)));
@@ -68,16 +39,21 @@ static void run(const char* dir, int64_t N1, int64_t P1, int64_t N2, int64_t P2,
   std::vector<T> bil(N1, T(12345)), ng(N1, T(12345)), nm(N1, T(12345)), inner(size_t(N1 * N2), T(12345));
   std::vector<T> W(size_t(N1 * O * K), T(12345));
   using namespace ddfast::cuda;
-  run_grid(N1, threads, [&] { ghost_bilinear_fwd_kernel<T>(A1.data(), G1.data(), V.data(), bil.data(), N1, P1, K, O); });
-  run_grid(N1, threads, [&] { ghost_norms_fwd_kernel<T>(A1.data(), G1.data(), ng.data(), N1, P1, K, O, true); });
-  run_grid(N1, threads, [&] { ghost_norms_fwd_kernel<T>(A1.data(), G1.data(), nm.data(), N1, P1, K, O, false); });
-  run_grid(N1 * N2, threads, [&] {
+  auto grid = [](int64_t blocks) { return static_cast<unsigned>(blocks); };
+  emu::launch(grid(ghost_per_example_blocks(N1)), kGpThreads, 0,
+              [&] { ghost_bilinear_fwd_kernel<T>(A1.data(), G1.data(), V.data(), bil.data(), N1, P1, K, O); });
+  emu::launch(grid(ghost_per_example_blocks(N1)), kGpThreads, 0,
+              [&] { ghost_norms_fwd_kernel<T>(A1.data(), G1.data(), ng.data(), N1, P1, K, O, true); });
+  emu::launch(grid(ghost_per_example_blocks(N1)), kGpThreads, 0,
+              [&] { ghost_norms_fwd_kernel<T>(A1.data(), G1.data(), nm.data(), N1, P1, K, O, false); });
+  emu::launch(grid(ghost_inner_blocks(N1, N2)), kGpThreads, 0, [&] {
     ghost_inner_fwd_kernel<T>(A1.data(), G1.data(), A2.data(), G2.data(), inner.data(), N1, P1, N2, P2, K, O);
   });
   // W in two blocks of examples (n0 = 0 and n0 = half), as the caller of the launcher blocks it.
   const int64_t half = N1 / 2;
-  run_grid(half * O, threads, [&] { ghost_materialize_kernel<T>(A1.data(), G1.data(), W.data(), 0, half, P1, K, O); });
-  run_grid((N1 - half) * O, threads, [&] {
+  emu::launch(grid(ghost_materialize_blocks(half, O, K)), kGpThreads, 0,
+              [&] { ghost_materialize_kernel<T>(A1.data(), G1.data(), W.data(), 0, half, P1, K, O); });
+  emu::launch(grid(ghost_materialize_blocks(N1 - half, O, K)), kGpThreads, 0, [&] {
     ghost_materialize_kernel<T>(A1.data(), G1.data(), W.data() + half * O * K, half, N1 - half, P1, K, O);
   });
   save(dir, "bilinear", bil);
@@ -88,14 +64,13 @@ static void run(const char* dir, int64_t N1, int64_t P1, int64_t N2, int64_t P2,
 }
 
 int main(int argc, char** argv) {
-  if (argc != 10) return 1;
+  if (argc != 9) return 1;
   const char* dir = argv[1];
   const int64_t N1 = std::atoll(argv[2]), P1 = std::atoll(argv[3]), N2 = std::atoll(argv[4]);
   const int64_t P2 = std::atoll(argv[5]), K = std::atoll(argv[6]), O = std::atoll(argv[7]);
-  const unsigned threads = static_cast<unsigned>(std::atoi(argv[9]));
   if (std::strcmp(argv[8], "f32") == 0)
-    run<float>(dir, N1, P1, N2, P2, K, O, threads);
+    run<float>(dir, N1, P1, N2, P2, K, O);
   else
-    run<double>(dir, N1, P1, N2, P2, K, O, threads);
+    run<double>(dir, N1, P1, N2, P2, K, O);
   return 0;
 }

@@ -1,10 +1,12 @@
-"""ghost_products' CUDA kernels run as host C++ (DDFAST_HOST_EMULATION, a warp of one lane).
+"""ghost_products' CUDA kernels run as host C++ (DDFAST_HOST_EMULATION, tests/cuda_host_emulation_runtime.h:
+cooperative threads, warps of 32, the launchers' grids).
 
 tests/test_cuda_compile.py compile-checks every ``csrc/cuda/*.cu`` with nvcc; here
 csrc/cuda/ghost_products.cu is compiled with g++ against tests/cuda_host_emulation_ghost_products.cpp
 and its numbers are checked against the eager reference (ddfast.reference.ghost_products).
 """
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -36,26 +38,33 @@ def emulator(tmp_path_factory):
     src = ROOT / "tests" / "cuda_host_emulation_ghost_products.cpp"
     cu = ROOT / "csrc" / "cuda" / "ghost_products.cu"
     proc = subprocess.run(
-        ["g++", "-O2", "-std=c++17", "-Wall", f'-DGHOST_PRODUCTS_CU="{cu}"', str(src), "-o", str(exe)],
+        ["g++", "-O2", "-std=c++17", "-Wall", "-Wno-unknown-pragmas", f"-I{ROOT / 'tests'}",
+         f'-DGHOST_PRODUCTS_CU="{cu}"', str(src), "-o", str(exe)],
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
     return exe
 
 
+# Shapes: degenerate; nn.Linear rows (P = 1); conv-like P1 != P2; K = 1; O = 1; P1 = 0; and the tiled
+# paths: P = 40 and 33 (two 32-row tiles of the P × P Grams, diagonal and off-diagonal, the last partial),
+# K = 70 and O = 45 (several 32-wide chunks and tiles of W). "reverse" runs the threads of each phase
+# in reverse order (a missing barrier changes the result).
 @pytest.mark.parametrize("prec", ["f64", "f32"])
 @pytest.mark.parametrize(
-    "N1, P1, N2, P2, K, O, threads",
+    "N1, P1, N2, P2, K, O, order",
     [
-        (1, 1, 1, 1, 1, 1, 1),  # degenerate
-        (6, 1, 5, 1, 13, 4, 4),  # nn.Linear rows (P = 1)
-        (4, 9, 3, 7, 10, 8, 3),  # conv-like, P1 != P2
-        (5, 3, 2, 3, 1, 6, 8),  # K = 1
-        (3, 4, 4, 2, 7, 1, 2),  # O = 1
-        (2, 0, 3, 2, 5, 4, 2),  # P1 = 0: all products of batch 1 vanish
+        (1, 1, 1, 1, 1, 1, "forward"),
+        (6, 1, 5, 1, 13, 4, "reverse"),
+        (4, 9, 3, 7, 10, 8, "forward"),
+        (5, 3, 2, 3, 1, 6, "forward"),
+        (3, 4, 4, 2, 7, 1, "reverse"),
+        (2, 0, 3, 2, 5, 4, "forward"),
+        (3, 40, 2, 33, 70, 45, "forward"),
+        (2, 37, 2, 35, 33, 34, "reverse"),
     ],
 )
-def test_ghost_products_kernels_under_host_emulation(emulator, tmp_path, prec, N1, P1, N2, P2, K, O, threads):
+def test_ghost_products_kernels_under_host_emulation(emulator, tmp_path, prec, N1, P1, N2, P2, K, O, order):
     g = torch.Generator().manual_seed(N1 * 1000 + P1 * 100 + K * 10 + O)
     t = dict(
         A1=torch.randn(N1, P1, K, dtype=torch.float64, generator=g),
@@ -66,8 +75,8 @@ def test_ghost_products_kernels_under_host_emulation(emulator, tmp_path, prec, N
     )
     for name, v in t.items():
         v.numpy().tofile(tmp_path / name)
-    subprocess.run([str(emulator), str(tmp_path), str(N1), str(P1), str(N2), str(P2), str(K), str(O), prec,
-                    str(threads)], check=True)
+    subprocess.run([str(emulator), str(tmp_path), str(N1), str(P1), str(N2), str(P2), str(K), str(O), prec],
+                   check=True, env=dict(os.environ, DDFAST_EMU_ORDER=order))
     if prec == "f32":  # the reference on the float32-rounded inputs, in float64
         t = {k: v.float().double() for k, v in t.items()}
     ref = {
