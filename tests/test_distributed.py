@@ -1,7 +1,7 @@
 """Distributed distillation (:mod:`ddfast.distributed`): R = 2 gloo processes against one process.
 
 Each test spawns its own two CPU processes (FileStore rendezvous, one thread each). Checked for LD-RR
-(and second-order LD), KRR-ST and EAD: R = 2 on a global batch B gives the same synthetic-set updates
+(and second-order LD), KRR-ST, EAD and DM (Siamese DSA on, the real batch of every class sharded): R = 2 on a global batch B gives the same synthetic-set updates
 as R = 1 on B (float64, over 3–6 steps) and keeps the replicas bit-identical; a rank dying mid-run
 leaves the last checkpoint intact and a single process resumes it to the uninterrupted result;
 mismatched configurations raise a clear error on every rank at the start.
@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from ddfast.artifacts import load_state
 from ddfast.data.datasets import ImageDataset
+from ddfast.distill.dm import DMConfig, DMDistiller
 from ddfast.distill.ead import EADConfig, EffectAlignmentDistiller
 from ddfast.distill.krr_st import KRRSTConfig, KRRSTDistiller
 from ddfast.distill.ld import LDConfig, LabelDistiller
@@ -37,6 +38,7 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 LD_CFG = dict(model="mlp", outer_batch=33, epochs=2, val_every=1, stats_gap=2, seed=3)
 KRR_CFG = dict(m=12, steps=4, batch_size=41, pool_size=3, pool_steps=4, widths=(4, 8), seed=1)
 EAD_CFG = dict(ipc=2, iterations=3, t_m=3, syn_batch=7, probe_batch=32, real_batch=33, seed=2)
+DM_CFG = dict(ipc=2, iterations=3, real_batch=7, widths=(4, 8), seed=5)  # 7 per class: shards of 4 and 3
 
 
 # --------------------------------------------------------------------------- data (deterministic, tiny)
@@ -60,6 +62,11 @@ def _krr(group=None, **kw):
     x, _ = _images(90, 4)
     t = torch.randn(90, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     return KRRSTDistiller(x, config=KRRSTConfig(**{**KRR_CFG, **kw}), train_targets=t, process_group=group)
+
+
+def _dm(group=None, **kw):
+    x, y = _images(80, 8)
+    return DMDistiller((x, y), 4, DMConfig(**{**DM_CFG, **kw}), process_group=group)
 
 
 def _dataset():
@@ -88,6 +95,11 @@ def _ld_state(d):
 def _krr_state(d):
     return {"images": d.images.detach().clone(), "targets": d.targets.detach().clone(),
             "losses": [h["loss"] for h in d.history], "pool": [m.state_dict() for m in d.pool.models],
+            "bytes": d.dist.bytes_all_reduced}
+
+
+def _dm_state(d):
+    return {"images": d.images.detach().clone(), "losses": [h["loss"] for h in d.history],
             "bytes": d.dist.bytes_all_reduced}
 
 
@@ -123,6 +135,9 @@ def _job_equivalence(rank, group, out, traj_dir):
     d = _krr(group)
     d.fit()
     res["krr"] = _krr_state(d)
+    d = _dm(group)
+    d.fit()
+    res["dm"] = _dm_state(d)
     for name, kw in (("ead", {}), ("ead-tm1", {"t_m": 1, "syn_batch": None})):
         d = _ead(traj_dir, group, **kw)
         d.fit()
@@ -184,7 +199,7 @@ def _job_die(rank, group, out, which):
 JOBS = {"equivalence": _job_equivalence, "die": _job_die}
 
 
-def _launch(runs: dict, deadline: float = 120.0) -> dict:
+def _launch(runs: dict, deadline: float = 300.0) -> dict:
     """Start every run ``{name: (folder, job, arg)}`` as its own group of WORLD processes, all at once (the
     processes' start-up dominates on a small machine), wait for all; ``{name: [exit code per rank]}``."""
     ctx = mp.get_context("spawn")
@@ -246,6 +261,9 @@ def single(traj_dir):
     d = _krr()
     d.fit()
     res["krr"] = _krr_state(d)
+    d = _dm()
+    d.fit()
+    res["dm"] = _dm_state(d)
     for name, kw in (("ead", {}), ("ead-tm1", {"t_m": 1, "syn_batch": None})):
         d = _ead(traj_dir, **kw)
         d.fit()
@@ -317,7 +335,7 @@ def test_init_from_env_outside_torchrun_names_the_variables(monkeypatch):
 # --------------------------------------------------------------------------- R = 2 vs R = 1
 
 
-@pytest.mark.parametrize("name", ["ld-rr", "ld-second_order", "krr", "ead", "ead-tm1"])
+@pytest.mark.parametrize("name", ["ld-rr", "ld-second_order", "krr", "dm", "ead", "ead-tm1"])
 def test_two_ranks_equal_one_process(spawned, single, name):
     r0, r1 = spawned[0][name], spawned[1][name]
     _assert_tree(r0, r1, exact=True)  # replicas stay bit-identical
@@ -332,6 +350,8 @@ def test_two_ranks_equal_one_process(spawned, single, name):
             assert bytes_ == 8 * (6 * (8 * 4 + 1) + 2)
         elif name == "krr":
             assert bytes_ == KRR_CFG["steps"] * 8 * (12 * 64 + 12 * 6 + 1)
+        elif name == "dm":  # the per-class real feature sums: 4 classes × 32 features (8 channels × 2 × 2)
+            assert bytes_ == DM_CFG["iterations"] * 8 * 4 * 32
         else:
             syn = 7 if name == "ead" else 8
             assert bytes_ == EAD_CFG["iterations"] * 8 * (2 + syn * (64 + 4))

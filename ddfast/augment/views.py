@@ -15,12 +15,14 @@ translation ±10 %, shear ±10°) and no jitter.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ddfast.augment.crop import resized_crop_theta
+from ddfast.augment.params import bernoulli, uniform, uniform_
 
 __all__ = ["SSLAugment", "make_ssl_augment"]
 
@@ -28,7 +30,7 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of the greyscale conversion
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return uniform(n, low, high, generator, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -91,19 +93,10 @@ class SSLAugment:
         m = eye.clone()
         changed = False
         if self.crop_scale is not None and self.crop_scale != (1.0, 1.0):
-            area = _uniform(n, *self.crop_scale, generator)
-            log_ratio = _uniform(n, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), generator)
-            ratio = log_ratio.exp()
-            w = (area * ratio).sqrt().clamp(max=1.0)  # crop side fractions of the image
-            h = (area / ratio).sqrt().clamp(max=1.0)
-            cx = (1.0 - w) * (2.0 * torch.rand(n, generator=generator, dtype=torch.float64) - 1.0)
-            cy = (1.0 - h) * (2.0 * torch.rand(n, generator=generator, dtype=torch.float64) - 1.0)
-            crop = eye.clone()
-            crop[:, 0, 0], crop[:, 1, 1], crop[:, 0, 2], crop[:, 1, 2] = w, h, cx, cy
-            m = crop
+            m = resized_crop_theta(n, self.crop_scale, self.crop_ratio, generator)
             changed = True
         if self.flip_p > 0:
-            flip = torch.rand(n, generator=generator, dtype=torch.float64) < self.flip_p
+            flip = bernoulli(n, self.flip_p, generator, torch.float64)
             sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
             m = m.clone()
             m[:, :, 0] = m[:, :, 0] * sign[:, None]
@@ -128,10 +121,10 @@ class SSLAugment:
     def _colour(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
         luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        apply = torch.rand(n, generator=generator) < self.jitter_p
-        b = torch.empty(n).uniform_(1 - self.brightness, 1 + self.brightness, generator=generator)
-        c = torch.empty(n).uniform_(1 - self.contrast, 1 + self.contrast, generator=generator)
-        s = torch.empty(n).uniform_(1 - self.saturation, 1 + self.saturation, generator=generator)
+        apply = bernoulli(n, self.jitter_p, generator)
+        b = uniform_(n, 1 - self.brightness, 1 + self.brightness, generator)
+        c = uniform_(n, 1 - self.contrast, 1 + self.contrast, generator)
+        s = uniform_(n, 1 - self.saturation, 1 + self.saturation, generator)
         one = torch.ones(n)
         b, c, s = (torch.where(apply, v, one).to(device=x.device, dtype=x.dtype).view(n, 1, 1, 1) for v in (b, c, s))
         x = (x * b).clamp(0.0, 1.0)
@@ -139,7 +132,7 @@ class SSLAugment:
         x = (c * x + (1 - c) * grey_mean).clamp(0.0, 1.0)
         grey = (x * luma).sum(1, keepdim=True)
         x = (s * x + (1 - s) * grey).clamp(0.0, 1.0)
-        to_grey = (torch.rand(n, generator=generator) < self.grayscale_p).to(x.device).view(n, 1, 1, 1)
+        to_grey = bernoulli(n, self.grayscale_p, generator).to(x.device).view(n, 1, 1, 1)
         return torch.where(to_grey, (x * luma).sum(1, keepdim=True).expand_as(x), x)
 
     # ------------------------------------------------------------------ view

@@ -30,7 +30,7 @@ __all__ = ["ImageDistillResult", "ImageDistiller", "check_train", "check_common_
 
 def check_common_config(cfg, families_field: str | None = "dsa_families") -> None:
     """Validate the fields the image distillers share: ``init`` and the DSA families."""
-    from ddfast.evaluate.transfer import DSA_FAMILIES
+    from ddfast.augment.dsa import DSA_FAMILIES
 
     if cfg.init not in ("real", "noise"):
         raise ValueError(f"init: expected 'real' or 'noise', got {cfg.init!r}")

@@ -23,8 +23,9 @@ Details:
 
 * Networks are built under a seed drawn from the distiller's generator (a resumed run continues
   bit-identically; nothing but the generator carries over between outer iterations).
-* ``augment=True`` gives DC with Siamese DSA (one seed per class for the real and synthetic batch,
-  and DSA on the synthetic set in the inner loop), as in the DSA code; the default is plain DC.
+* ``augment=True`` gives DC with Siamese DSA (one ω per class drawn once and applied to the real and the
+  synthetic batch, :func:`ddfast.augment.siamese_dsa`; per-image DSA on the synthetic set in the inner
+  loop), as in the DSA code; the default is plain DC.
 * With ``norm="batch"`` the per-class batches are normalised with their own statistics (the DC code's
   freezing of BatchNorm statistics is not reproduced); the default network uses instance norm.
 """
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddfast.distill.common import ImageDistiller, check_common_config
-from ddfast.distill.dm import check_pair, fresh_network, siamese_augment, siamese_seed
-from ddfast.evaluate.transfer import DSA_FAMILIES, dsa_augment
+from ddfast.augment.dsa import DSA_FAMILIES, dsa_augment, siamese_dsa
+from ddfast.distill.dm import check_pair, fresh_network
 
 __all__ = ["DCConfig", "DCDistiller", "dc_loss", "gradient_distance", "BIAS_MODES"]
 
@@ -137,9 +138,8 @@ def dc_loss(x_syn: torch.Tensor, y_syn: torch.Tensor, x_real: torch.Tensor, y_re
     loss = x_syn.new_zeros(())
     for c in y_syn.unique().tolist():
         xr, xs = x_real[y_real == c], x_syn[y_syn == c]
-        if augment:
-            seed = siamese_seed(generator)
-            xr, xs = siamese_augment(xr, seed, families), siamese_augment(xs, seed, families)
+        if augment:  # one ω for both sides (Siamese)
+            xr, xs = siamese_dsa(xr, xs, generator=generator, families=families)
         g_real = [g.detach() for g in class_gradients(net, xr, c, create_graph=False)]
         g_syn = class_gradients(net, xs, c, create_graph=True)
         loss = loss + gradient_distance(g_real, g_syn, bias=bias)

@@ -10,10 +10,13 @@ by SGD with momentum 0.5 (the real term is a constant: no gradient flows into th
 
 Details:
 
-* Siamese augmentation: for each class a seed is drawn from the distiller's generator and two
-  generators seeded with it augment the real and the synthetic batch, so both get the same DSA
-  family (:func:`ddfast.evaluate.transfer.dsa_augment` draws the family first) and parameters drawn
-  from the same stream.
+* Siamese augmentation: for each class one ω (a DSA family and its parameters) is drawn from the
+  distiller's generator, once, and applied to every image of the real and the synthetic batch
+  (:func:`ddfast.augment.siamese_dsa`), as DSA's code does when it is given a seed. (Earlier versions
+  seeded two generators alike and drew per image, so scale, colour, crop and cutout differed between
+  the two sides; the DM rows of the soft-label table predating this are affected.)
+* ``process_group=``: the real batch of every class is sharded over the ranks (each embeds its rows;
+  one all-reduce of the per-class feature sums per iteration); the synthetic set is replicated.
 * Networks are built under a seed drawn from the distiller's generator, so a run is reproducible and a
   resumed run continues bit-identically; nothing but the generator carries over between iterations.
 * ``lr_images``: the DM code uses 1.0 on CIFAR's mean/std-normalised images with a 2048-dim feature;
@@ -28,8 +31,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddfast.augment.dsa import DSA_FAMILIES, siamese_dsa
 from ddfast.distill.common import ImageDistiller, check_common_config
-from ddfast.evaluate.transfer import DSA_FAMILIES, dsa_augment
+from ddfast.distributed import DistContext
 
 __all__ = ["DMConfig", "DMDistiller", "dm_loss"]
 
@@ -74,16 +78,6 @@ def check_pair(x_syn, y_syn, x_real, y_real) -> None:
         raise ValueError(f"y_real: no real examples of synthetic classes {missing}")
 
 
-def siamese_seed(generator: torch.Generator | None) -> int:
-    """A seed for one Siamese augmentation ω (from ``generator``, or the global RNG when None)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
-
-
-def siamese_augment(x: torch.Tensor, seed: int, families=DSA_FAMILIES) -> torch.Tensor:
-    """A(x, ω): DSA with ω fixed by ``seed``; the same seed gives the same family to every batch."""
-    return dsa_augment(x, torch.Generator().manual_seed(seed), tuple(families))
-
-
 def fresh_network(make_model: Callable[[], nn.Module], generator: torch.Generator, dtype) -> nn.Module:
     """A randomly initialised network whose weights are fixed by a seed drawn from ``generator``."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -95,35 +89,50 @@ def fresh_network(make_model: Callable[[], nn.Module], generator: torch.Generato
 
 def dm_loss(x_syn: torch.Tensor, y_syn: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor, net: nn.Module,
             generator: torch.Generator | None = None, augment: bool = True,
-            families: tuple[str, ...] = DSA_FAMILIES) -> torch.Tensor:
+            families: tuple[str, ...] = DSA_FAMILIES, *, dist: DistContext | None = None) -> torch.Tensor:
     """The DM loss (eq. 5, supp. §1.2) of a given synthetic set at one network ψ.
 
     Σ over the classes c present in ``y_syn`` of ‖mean ψ(A(x_real_c, ω_c)) − mean ψ(A(x_syn_c, ω_c))‖²,
     with ψ = ``net.features`` (or ``net`` itself when it has none) and one Siamese DSA draw ω_c per
-    class (skipped with ``augment=False``). Gradients flow into ``x_syn`` only.
+    class, sampled once and applied to both sides (:func:`ddfast.augment.siamese_dsa`; skipped with
+    ``augment=False``). Gradients flow into ``x_syn`` only.
 
     Args:
         x_syn, y_syn: synthetic images ``[n, c, h, w]`` and int64 labels ``[n]``.
         x_real, y_real: the real batch (all its examples of class c form T_c).
         net: a network with ``features`` (e.g. :class:`ddfast.models.convnet.ConvNet`).
-        generator: draws the per-class augmentation seeds (global RNG when None).
+        generator: draws the per-class augmentations ω_c (global RNG when None).
         augment: apply Siamese DSA.
         families: DSA families to draw from.
+        dist: a :class:`ddfast.distributed.DistContext` (same arguments on every rank): each rank embeds
+            its rows of every T_c and the per-class feature sums are all-reduced (one call); the loss is
+            then the same on every rank. With train-mode BatchNorm in ψ each rank normalises its rows
+            with their own statistics (as DistributedDataParallel does).
 
     Returns:
         a scalar tensor (dtype of ``x_syn``).
     """
     check_pair(x_syn, y_syn, x_real, y_real)
     psi = getattr(net, "features", net)
-    loss = x_syn.new_zeros(())
+    sharded = dist is not None and dist.active
+    real_sums, syn_means, counts = [], [], []
     for c in y_syn.unique().tolist():
         xr, xs = x_real[y_real == c], x_syn[y_syn == c]
-        if augment:
-            seed = siamese_seed(generator)
-            xr, xs = siamese_augment(xr, seed, families), siamese_augment(xs, seed, families)
+        counts.append(xr.shape[0])
+        if sharded:
+            lo, hi = dist.shard(xr.shape[0])
+            xr = xr[lo:hi]
+        if augment:  # one ω for both sides (Siamese)
+            xr, xs = siamese_dsa(xr, xs, generator=generator, families=families)
+        z_syn = psi(xs)
+        syn_means.append(z_syn.mean(0))
         with torch.no_grad():
-            mean_real = psi(xr).mean(0)
-        loss = loss + (mean_real - psi(xs).mean(0)).pow(2).sum()
+            real_sums.append(psi(xr).sum(0) if xr.shape[0] else z_syn.new_zeros(z_syn.shape[1:]))
+    if sharded:
+        dist.all_reduce_sum_(real_sums)
+    loss = x_syn.new_zeros(())
+    for total, n_c, mean_syn in zip(real_sums, counts, syn_means):
+        loss = loss + (total / n_c - mean_syn).pow(2).sum()
     return loss
 
 
@@ -157,7 +166,7 @@ class DMDistiller(ImageDistiller):
         net.requires_grad_(False)
         x_real, y_real = self.sample_real()
         loss = dm_loss(self.images, self.labels, x_real, y_real, net, generator=self.generator,
-                       augment=cfg.augment, families=cfg.dsa_families)
+                       augment=cfg.augment, families=cfg.dsa_families, dist=self.dist)
         self.image_opt.zero_grad(set_to_none=True)
         (self.images.grad,) = torch.autograd.grad(loss, [self.images])
         self.image_opt.step()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddfast.distill.common import ImageDistiller, ImageDistillResult, check_train
-from ddfast.evaluate.transfer import random_crop_flip
+from ddfast.augment.crop import random_crop_flip
 
 __all__ = ["SRe2LConfig", "SRe2LResult", "SRe2LDistiller", "DWADistiller", "METHODS", "bn_statistics",
            "bn_matching_loss", "sre2l_loss", "dwa_perturb", "relabel", "train_teacher"]

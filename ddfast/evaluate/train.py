@@ -19,7 +19,7 @@ from torch import nn
 from ddfast.models.ridge_head import RidgeClassifier
 from ddfast.network_passes import autocast
 from ddfast.ops.label_metagrad import ridge_logits
-from ddfast.reference.label_metagrad import soft_cross_entropy
+from ddfast.losses import soft_cross_entropy
 
 __all__ = ["TrainSettings", "train_on_labels", "train_step", "make_optimizers", "accuracy", "evaluate_labels", "choose_steps", "steps_grid", "EvalResult", "mean_std"]
 

@@ -20,27 +20,11 @@ Its closed form (no double backward): with zᵢ = f_θ(x̃ᵢ), pᵢ = softmax(z
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
+from ddfast.losses import outer_loss, soft_cross_entropy  # re-exported: the losses live in ddfast.losses
+
 __all__ = ["soft_cross_entropy", "outer_loss", "label_metagrad_ref", "label_meta_loss_ref", "head_residual_ref"]
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """CE(softmax(z), t) = −Σ_c t_c log softmax(z)_c per row; ``t`` may be soft (not renormalised)."""
-    per = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
-    if reduction == "mean":
-        return per.mean()
-    if reduction == "sum":
-        return per.sum()
-    return per
-
-
-def outer_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy on real examples; ``y`` holds class indices or soft targets."""
-    if y.dtype in (torch.int64, torch.int32, torch.long):
-        return F.cross_entropy(logits, y.long())
-    return soft_cross_entropy(logits, y)
 
 
 def label_metagrad_ref(model, x_base, y_soft, x_real, y_real, inner_lr, reduction="mean", return_all=False):
