@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - non-POSIX
 __all__ = ["MANIFEST", "RunFolder", "sha256_file", "sha256_tensors", "dataset_identity", "file_identity",
            "environment", "read_json", "read_manifest", "read_safetensors", "check_tensors", "check_values", "verify_run",
            "verify_file", "TENSOR_CHECKS", "clean_stale_tmp",
-           "maybe_run_folder", "dataset_spec"]
+           "maybe_run_folder", "dataset_spec", "write_run_artifacts"]
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -408,6 +408,7 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        _HELD.add(self.path)
 
     def release(self, failed: bool = False) -> None:
         if self._fd is None:
@@ -419,6 +420,7 @@ class RunFolder:
                 os.rmdir(self.path)
         os.close(self._fd)  # closing the descriptor drops the lock
         self._fd = None
+        _HELD.discard(self.path)
 
     # policy --------------------------------------------------------------------------------------
     def existing(self) -> dict | None:
@@ -542,3 +544,69 @@ def maybe_run_folder(path: str | None, kind: str, enabled: bool = True, **kwargs
         return
     with RunFolder(path, kind, **kwargs) as run:
         yield run
+
+
+# ------------------------------------------------------------------------------------------ fit(out_dir=...)
+
+_HELD: set[str] = set()  # run folders this process holds the lock of (the CLI / experiments write those)
+_KINDS = {"LabelDistiller": "ld", "KRRSTDistiller": "krr-st", "EffectAlignmentDistiller": "ead"}
+
+
+def _kind_of(distiller) -> str:
+    name = type(distiller).__name__
+    return _KINDS.get(name) or name.lower().removesuffix("distiller") or "distill"
+
+
+def _tensor_checks(name: str, t: torch.Tensor, kind: str) -> list[str]:
+    if kind == "ld" and name == "soft_labels":
+        return ["probability_rows"]
+    if name == "steps_to_overfit":
+        return ["integer", "nonnegative", "scalar"]
+    if t.is_floating_point():
+        return ["finite"]
+    return ["integer", "nonnegative"] if name.endswith(("indices", "labels")) else ["integer"]
+
+
+def write_run_artifacts(out_dir: str, distiller, result) -> dict | None:
+    """Write what ``ddfast distill ...`` writes for a finished ``fit(out_dir=...)`` called from Python:
+    ``distilled.safetensors`` (every tensor of ``result``; LD adds ``base_images`` and stores
+    ``steps_to_overfit`` / ``calibration`` as tensors, as the CLI does), ``meta.json`` (configuration,
+    scalars and histories of ``result``) and ``manifest.json`` (configuration, training-data hash,
+    versions, each artifact's sha256 and value checks). Returns the manifest.
+
+    Does nothing (returns None) for a folder this process already holds as a :class:`RunFolder`: the
+    command line and :mod:`ddfast.experiments` write their own, richer artifacts there."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from ddfast.artifacts import _atomic_write, write_json_atomic
+
+    if not out_dir or os.path.abspath(out_dir) in _HELD:
+        return None
+    kind = _kind_of(distiller)
+    config = dataclasses.asdict(distiller.config) if dataclasses.is_dataclass(getattr(distiller, "config", None)) else {}
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)} if dataclasses.is_dataclass(result) \
+        else dict(vars(result))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in fields.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in fields.items() if not isinstance(v, torch.Tensor)}
+    if kind == "ld":
+        tensors["base_images"] = distiller.base_images.detach().cpu().contiguous()
+        tensors["steps_to_overfit"] = torch.tensor(int(result.steps_to_overfit))
+        tensors["calibration"] = torch.tensor(float(result.calibration))
+    data = [getattr(distiller, a) for a in ("x_train", "y_train", "x_val", "y_val", "x", "y")
+            if isinstance(getattr(distiller, a, None), torch.Tensor)]
+    inputs = {"train_sha256": sha256_tensors(*data)} if data else {}
+    with RunFolder(out_dir, kind) as run:
+        run.manifest = {"format": FORMAT, "kind": kind, "status": "running", "created": _now(), "written_by": "fit",
+                        "config": _jsonable(config), "inputs": inputs, **environment(), "artifacts": {}}
+        _atomic_write(os.path.join(run.path, "distilled.safetensors"),
+                      lambda tmp: save_file(tensors, tmp, metadata={"method": kind}))
+        meta = {"format": f"ddfast.{kind}/1", "method": kind, "status": "done", "written_by": "fit",
+                "config": config, **scalars}
+        if kind == "ld":
+            meta["inner_batch"] = getattr(distiller, "inner_batch", None)
+        write_json_atomic(os.path.join(run.path, "meta.json"), _jsonable(meta))
+        checks = {k: _tensor_checks(k, v, kind) for k, v in tensors.items()}
+        return run.finish({"distilled.safetensors": {"tensors": checks},
+                           "meta.json": {"values": {"status": ["done"], "method": [kind]}}})

@@ -4,7 +4,8 @@
 - :mod:`ddfast.cli.train` — ``trajectory``, ``ssl``;
 - :mod:`ddfast.cli.tables` — ``ld-table``, ``krr-st-table``, ``ead-table``, ``softlabel-table``, ``dcs``,
   ``e2e-parity``;
-- :mod:`ddfast.cli.bench` — ``bench``; ``info``.
+- :mod:`ddfast.cli.bench` — ``bench`` (the benchmark harness, :mod:`ddfast.benchmarks.harness`);
+- ``suite`` — benchmark suites (:mod:`ddfast.suite.cli`); ``info``.
 
 Each module's ``add_parsers(subparsers)`` registers its subcommands with ``handler=`` defaults. Errors ddfast
 raises on purpose (bad settings, damaged files, a refused ``--resume``) are printed as one line,
@@ -34,6 +35,9 @@ def build_parser() -> Parser:
     info.set_defaults(handler=_info)
     for module in (distill, train, tables, bench):
         module.add_parsers(sub)
+    from ddfast.suite.cli import add_parser as add_suite
+
+    add_suite(sub)
     return parser
 
 
@@ -46,6 +50,12 @@ def _info(args) -> int:
 
 def run(argv=None) -> int:
     """Parse ``argv`` and run the subcommand; errors propagate (``main`` reports them)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "bench" and set(argv[:command]) <= {"--debug"}:
+        from ddfast.cli import bench
+
+        return bench.run(argv[command + 1:])  # the harness parses its own options
     args = build_parser().parse_args(argv)
     if getattr(args, "distributed", False):
         return distributed_run(args.handler, args)

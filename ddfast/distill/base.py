@@ -180,5 +180,8 @@ class Distiller:
             if bar is not None:
                 bar.close()
         result = self.result()
-        # The finished run's files other than the checkpoint (if any) are written here, from ``result``.
+        if out_dir and self.dist.is_main:  # the artifacts the CLI writes (ddfast.runs.write_run_artifacts)
+            from ddfast.runs import write_run_artifacts
+
+            write_run_artifacts(out_dir, self, result)
         return result

@@ -223,8 +223,12 @@ def _factory(model: str, channels: int, num_classes: int, image_size: int, rr: b
 
 def load_run_data(run_dir: str, meta: dict, split: str = "test"):
     """The run's target data set (absolute path from ``meta.json``), checked against the recorded hash."""
-    from ddfast.errors import RunFolderError
+    from ddfast.errors import ArtifactError, RunFolderError
 
+    if "dataset" not in meta:
+        raise ArtifactError(os.path.join(run_dir, "meta.json"), "written by LabelDistiller.fit() without a data set "
+                            "name", "evaluate it in Python with LabelDistiller.evaluate(...), or distil with "
+                            "`ddfast distill ld` / ddfast.experiments.ld.distill")
     target = load_dataset(meta["dataset"], meta.get("root"), image_size=meta["image_size"])
     recorded = (meta.get("data") or {}).get("sha256", {}).get(split)
     if recorded is not None:
