@@ -224,7 +224,8 @@ def parse_config(raw: dict, source: str | None = None, out: str | None = None) -
                     spec = method_spec(method)
                     mregimes = [r for r in regimes if r in spec.regimes]
                     if not mregimes:
-                        continue
+                        raise ValueError(f"method {method!r} supports the regimes {list(spec.regimes)}, none of "
+                                         f"suite.regimes {regimes}; give it a [[cell]] with its own regimes")
                     add(_cell_config(method, dataset, ipc, seed, method_options=per_method.get(method, {}),
                                      regimes=mregimes, **common))
     for i, entry in enumerate(raw.get("cell") or []):
@@ -269,8 +270,6 @@ def parse_config(raw: dict, source: str | None = None, out: str | None = None) -
                 add(_cell_config(baseline, dataset, ipc, seed, method_options=per_method.get(baseline, {}),
                                  regimes=regs, **common))
     out = out or suite["out"] or os.path.join("runs", f"suite-{suite['name']}")
-    if source and not os.path.isabs(out) and suite["out"] and out == suite["out"]:
-        out = os.path.normpath(out)
     return SuiteConfig(name=str(suite["name"]), out=out, cells=list(cells.values()), slurm=dict(raw.get("slurm") or {}),
                        source=source)
 

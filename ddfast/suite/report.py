@@ -156,6 +156,9 @@ def plot_accuracy(rows, path: str) -> str:
         ax.set_title(REGIME_NAMES[regime])
         ax.set_xlabel("images per class")
         ax.set_xscale("log")
+        ipcs = sorted({i for cells in agg.values() for (r, i) in cells if r == regime})
+        ax.set_xticks(ipcs, [str(i) for i in ipcs])
+        ax.minorticks_off()
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -187,7 +190,8 @@ def plot_gain(rows, path: str) -> str | None:
     for y, row in enumerate(vals):
         for x, v in enumerate(row):
             if not math.isnan(v):
-                ax.text(x, y, f"{v:+.1f}", ha="center", va="center", fontsize=7)
+                ax.text(x, y, f"{v:+.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * lim else "black")
     fig.colorbar(im, ax=ax, label="gain over random (points)")
     ax.set_title("gain over a random real subset of the same size")
     fig.tight_layout()

@@ -56,6 +56,8 @@ def collect(root: str, cells=None, suite: str = "", baseline: str = "random") ->
             if os.path.exists(p):
                 c = _read(p)
                 entries.append((c["id"], c["config"]))
+        entries.sort(key=lambda e: (e[1]["method"] != baseline, e[1].get("name") or e[1]["method"], e[1]["dataset"],
+                                    e[1]["ipc"], e[1]["seed"]))
     else:
         entries = [(c.id, c.config) for c in cells]
     rows = []
