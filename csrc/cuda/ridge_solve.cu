@@ -6,8 +6,8 @@
 // Shared memory (ridge_solve_smem_bytes): the factor, n × (n|1) (an odd row stride: the column walks
 // of the Cholesky and of the forward substitution hit 32 different banks), two n × 33 tiles and two
 // 32 × 33 chunks. Nothing grows with C: right-hand sides go through in tiles of kRidgeColTile columns.
-//   Gram      : Z staged through shared memory 32 columns (dual) / rows (primal) at a time, each
-//               thread accumulating its own entries of the lower triangle.
+//   Gram      : Z staged through shared memory 32 columns (dual) / rows (primal) at a time; 64 × 64
+//               blocks of the lower triangle, 4 × 4 register-blocked entries per thread.
 //   Cholesky  : right-looking, one barrier per column (the scaling of column j is deferred to step j+1).
 //   solves    : one warp per right-hand-side column, its n values in registers (4 rows per lane),
 //               the pivot broadcast by a shuffle: no block barriers.
@@ -81,39 +81,56 @@ __device__ __forceinline__ Smem<T> carve(unsigned char* raw, int n) {
 }
 
 // Lower triangle of A = ZZᵀ + μI (dual) or ZᵀZ + μI (primal), row stride ldl. Zs: staging (≥ 33·n values).
-// Each thread owns the entries e ≡ threadIdx.x (mod kThreads) across all chunks: no races on A.
+// The n × n square goes in 64 × 64 blocks on or below the diagonal; a thread (ty, tx) of the 16 × 16
+// grid accumulates the 4 × 4 entries (ty + 16a, tx + 16b) of a block in registers over 32-wide chunks
+// of the contraction (Z's columns in the dual form, its rows in the primal form) staged in shared memory:
+// 8 shared loads per 16 FMAs.
 template <typename T>
 __device__ void block_gram(const T* __restrict__ Z, int N, int d, bool primal, T mu, T* A, int ldl, T* Zs) {
-  const int n = primal ? d : N, tid = threadIdx.x;
-  for (int e = tid; e < n * n; e += kThreads) {
-    const int i = e / n, j = e % n;
-    A[i * ldl + j] = i == j ? mu : T(0);
-  }
+  constexpr int kB = 64, kM = kB / 16;
+  const int n = primal ? d : N, tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int K = primal ? N : d;  // contraction length
-  for (int k0 = 0; k0 < K; k0 += kChunk) {
-    const int kc = K - k0 < kChunk ? K - k0 : kChunk;
-    __syncthreads();  // the previous chunk is consumed
-    if (primal) {     // Zs[r·d + a] = Z[k0 + r, a]
-      for (int e = tid; e < kc * d; e += kThreads) Zs[e] = Z[static_cast<int64_t>(k0) * d + e];
-    } else {          // Zs[i·kLdx + k] = Z[i, k0 + k]
-      for (int e = tid; e < N * kc; e += kThreads) {
-        const int i = e / kc, k = e % kc;
-        Zs[i * kLdx + k] = Z[static_cast<int64_t>(i) * d + k0 + k];
+  for (int ib = 0; ib < n; ib += kB)
+    for (int jb = 0; jb <= ib; jb += kB) {
+      T acc[kM][kM];
+#pragma unroll
+      for (int a = 0; a < kM; ++a)
+#pragma unroll
+        for (int c = 0; c < kM; ++c) acc[a][c] = T(0);
+      for (int k0 = 0; k0 < K; k0 += kChunk) {
+        const int kc = K - k0 < kChunk ? K - k0 : kChunk;
+        __syncthreads();  // the previous chunk is consumed
+        if (primal) {     // Zs[r·d + a] = Z[k0 + r, a]
+          for (int e = tid; e < kc * d; e += kThreads) Zs[e] = Z[static_cast<int64_t>(k0) * d + e];
+        } else {          // Zs[i·kLdx + k] = Z[i, k0 + k]
+          for (int e = tid; e < N * kc; e += kThreads) {
+            const int i = e / kc, k = e % kc;
+            Zs[i * kLdx + k] = Z[static_cast<int64_t>(i) * d + k0 + k];
+          }
+        }
+        __syncthreads();
+        for (int k = 0; k < kc; ++k) {
+          T u[kM], v[kM];
+#pragma unroll
+          for (int a = 0; a < kM; ++a) {
+            const int i = ib + ty + 16 * a, j = jb + tx + 16 * a;
+            u[a] = i < n ? (primal ? Zs[k * d + i] : Zs[i * kLdx + k]) : T(0);
+            v[a] = j < n ? (primal ? Zs[k * d + j] : Zs[j * kLdx + k]) : T(0);
+          }
+#pragma unroll
+          for (int a = 0; a < kM; ++a)
+#pragma unroll
+            for (int c = 0; c < kM; ++c) acc[a][c] += u[a] * v[c];
+        }
       }
+#pragma unroll
+      for (int a = 0; a < kM; ++a)
+#pragma unroll
+        for (int c = 0; c < kM; ++c) {
+          const int i = ib + ty + 16 * a, j = jb + tx + 16 * c;
+          if (i < n && j <= i) A[i * ldl + j] = acc[a][c] + (i == j ? mu : T(0));
+        }
     }
-    __syncthreads();
-    for (int e = tid; e < n * n; e += kThreads) {
-      const int i = e / n, j = e % n;
-      if (j > i) continue;
-      T s = T(0);
-      if (primal) {
-        for (int r = 0; r < kc; ++r) s += Zs[r * d + i] * Zs[r * d + j];
-      } else {
-        for (int k = 0; k < kc; ++k) s += Zs[i * kLdx + k] * Zs[j * kLdx + k];
-      }
-      A[i * ldl + j] += s;
-    }
-  }
   __syncthreads();
 }
 
