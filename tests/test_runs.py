@@ -198,3 +198,33 @@ def test_python_fit_writes_the_cli_artifacts(tmp_path):
     m = read_manifest(os.path.join(out, MANIFEST))
     assert m["kind"] == "ld" and m["status"] == "done" and m["config"]["epochs"] == 1
     assert m["artifacts"]["distilled.safetensors"]["tensors"]["soft_labels"] == ["probability_rows"]
+
+
+def test_resume_compares_every_input_and_lets_only_the_length_grow(tmp_path):
+    out = str(tmp_path / "r")
+    config = {"ead": {"ipc": 1, "iterations": 5, "objective": "normalised"}, "dataset": "digits"}
+    inputs = {"data": {"sha256": {"train": "a"}}, "trajectory": {"path": "/t", "sha256": "b"}}
+    with RunFolder(out, "ead") as run:
+        run.begin(config, inputs=inputs)
+    before = _digest(out)
+    for changed, pattern in [
+        ({**inputs, "trajectory": {"path": "/t", "sha256": "c"}}, "inputs.trajectory.sha256"),
+        ({**inputs, "trajectory": {"path": "/elsewhere", "sha256": "b"}}, "inputs.trajectory.path"),
+        ({**inputs, "data": {"sha256": {"train": "z"}}}, "inputs.data.sha256.train"),
+    ]:
+        with pytest.raises(RunFolderError, match=pattern.replace(".", r"\.")):
+            with RunFolder(out, "ead") as run:
+                run.begin(config, inputs=changed, resume=True, growable=("ead.iterations",))
+    shrunk = {**config, "ead": {**config["ead"], "iterations": 3}}
+    with pytest.raises(RunFolderError, match="grow, not shrink"):
+        with RunFolder(out, "ead") as run:
+            run.begin(shrunk, inputs=inputs, resume=True, growable=("ead.iterations",))
+    with pytest.raises(RunFolderError, match="objective"):
+        with RunFolder(out, "ead") as run:
+            run.begin({**config, "ead": {**config["ead"], "objective": "printed"}}, inputs=inputs, resume=True,
+                      growable=("ead.iterations",))
+    assert _digest(out) == before
+    grown = {**config, "ead": {**config["ead"], "iterations": 9}}
+    with RunFolder(out, "ead") as run:
+        assert run.begin(grown, inputs=inputs, resume=True, growable=("ead.iterations",)) is True
+    assert read_manifest(os.path.join(out, MANIFEST))["config"]["ead"]["iterations"] == 9
