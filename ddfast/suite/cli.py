@@ -83,10 +83,8 @@ def _report(args) -> int:
 
     src = args.source
     if os.path.isdir(src):
-        name = args.name
-        rows = collect(src, suite=name or "")
-        if not name:
-            name = os.path.basename(os.path.normpath(src)).removeprefix("suite-")
+        name = args.name or os.path.basename(os.path.normpath(src)).removeprefix("suite-")
+        rows = collect(src, suite=name)
         csv_path = None
     elif os.path.exists(src):
         rows = read_table(src)

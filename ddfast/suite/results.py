@@ -56,10 +56,11 @@ def collect(root: str, cells=None, suite: str = "", baseline: str = "random") ->
             if os.path.exists(p):
                 c = _read(p)
                 entries.append((c["id"], c["config"]))
-        entries.sort(key=lambda e: (e[1]["method"] != baseline, e[1].get("name") or e[1]["method"], e[1]["dataset"],
-                                    e[1]["ipc"], e[1]["seed"]))
     else:
         entries = [(c.id, c.config) for c in cells]
+    # one order for every table: the baseline first, then by name, data set, IPC, seed
+    entries.sort(key=lambda e: (e[1]["method"] != baseline, e[1].get("name") or e[1]["method"], e[1]["dataset"],
+                                e[1]["ipc"], e[1]["seed"]))
     rows = []
     for cid, cfg in entries:
         d = os.path.join(base, cid)
