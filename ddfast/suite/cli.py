@@ -33,7 +33,7 @@ def _add_commands(p: argparse.ArgumentParser) -> None:
     rep.add_argument("--name", help="suite name (default: from the table, else the folder name)")
     rep.add_argument("--readme", help="replace the table between <!-- suite-table:NAME --> markers in this file")
     rep.add_argument("--no-plots", action="store_true")
-    ls = sub.add_parser("list", help="the cells of a suite with their ids and status")
+    ls = sub.add_parser("list", help="the cells of a suite with their ids and status (creates their folders)")
     ls.add_argument("config")
     ls.add_argument("--out")
     ls.add_argument("--shard")
@@ -111,18 +111,18 @@ def _report(args) -> int:
 
 
 def _list(args) -> int:
-    from ddfast.suite.cell import cell_dir
+    from ddfast.suite.cell import write_cell
     from ddfast.suite.config import load_config
     from ddfast.suite.runner import parse_shard, select_shard
 
     cfg = load_config(args.config, out=args.out)
     for c in select_shard(cfg.cells, parse_shard(args.shard)):
-        d = cell_dir(cfg.out, c.id)
+        d = write_cell(cfg.out, c)  # the folder a `cell` command (e.g. under torchrun) runs
         status = "done" if os.path.exists(os.path.join(d, "results.json")) else \
             "failed" if os.path.exists(os.path.join(d, "failure.json")) else \
             "started" if os.path.exists(os.path.join(d, "meta.json")) else "pending"
         print(f"{c.id}  {status:8s} {c.label}  regimes={','.join(c.config['regimes'])}")
-    print(f"{len(cfg.cells)} cells; run root {cfg.out}")
+    print(f"{len(cfg.cells)} cells; run root {cfg.out} (folders: {os.path.join(cfg.out, 'cells', '<id>')})")
     return 0
 
 
