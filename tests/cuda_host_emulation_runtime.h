@@ -6,8 +6,9 @@
 // released when all 32 lanes of the warp reached it, a block barrier when every live thread reached it.
 // So shared-memory tiling, warp shuffles and barriers behave as on the device, deterministically.
 // Races show up as order dependence: DDFAST_EMU_ORDER=reverse runs the threads of each phase in reverse
-// order (tests run both orders). A barrier that can never be released (a __syncthreads() some live
-// threads skip, a shuffle with exited lanes) aborts with a message instead of hanging.
+// order (tests run both orders). Exited threads count as arrived at __syncthreads() (as on sm_70+); a
+// barrier that can never be released (lanes of a warp waiting at different barriers, a shuffle with
+// exited lanes) exits with status 3 and a message instead of hanging (tests/cuda_host_emulation_selftest.cpp).
 //
 // Dynamic shared memory is filled with 0xFF bytes (NaN) before each block, and the bytes beyond the size
 // the launch declares are checked afterwards: a kernel that writes past its declared dynamic shared memory

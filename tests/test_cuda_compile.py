@@ -213,3 +213,38 @@ def test_cuda_kernel_reports_non_pd_under_host_emulation(cuda_emulator, tmp_path
     subprocess.run([str(cuda_emulator), str(tmp_path), "2", "4", "6", "2", "0"], check=True)
     info = np.fromfile(tmp_path / "info", dtype=np.int32)
     assert info[0] == 0 and info[1] == 3
+
+
+@pytest.fixture(scope="module")
+def emulation_selftest(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    exe = tmp_path_factory.mktemp("cuda_emu") / "selftest"
+    proc = subprocess.run(EMU_FLAGS + [str(ROOT / "tests" / "cuda_host_emulation_selftest.cpp"), "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def _selftest(exe, case, order="forward"):
+    return subprocess.run([str(exe), case], capture_output=True, text=True, env=dict(os.environ, DDFAST_EMU_ORDER=order))
+
+
+def test_host_emulation_runs_barriers_and_shuffles_as_the_device(emulation_selftest):
+    for order in ("forward", "reverse"):
+        for case, want in (("sum_ok", "32640"), ("shfl_ok", "496")):
+            proc = _selftest(emulation_selftest, case, order)
+            assert proc.returncode == 0 and proc.stdout.strip() == want, (case, order, proc.stdout, proc.stderr)
+
+
+def test_host_emulation_exposes_a_missing_barrier(emulation_selftest):
+    """Without the barrier the block sum depends on the order the threads run in: one order is wrong."""
+    results = {_selftest(emulation_selftest, "sum_racy", order).stdout.strip() for order in ("forward", "reverse")}
+    assert results != {"32640"}
+
+
+@pytest.mark.parametrize("case, message", [("divergent", "deadlock"), ("shfl_exited", "exited lanes"),
+                                           ("smem_over", "beyond the declared dynamic shared memory")])
+def test_host_emulation_rejects_undefined_behaviour(emulation_selftest, case, message):
+    proc = _selftest(emulation_selftest, case)
+    assert proc.returncode == 3 and message in proc.stderr, (proc.returncode, proc.stderr)
