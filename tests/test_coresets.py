@@ -12,6 +12,7 @@ from torch import nn
 from ddfast.data import load_dataset
 from ddfast.select import (
     cad_prune,
+    compute_aligned_epochs,
     count_forgetting,
     el2n_from_logits,
     el2n_scores,
@@ -73,7 +74,8 @@ SELECTORS = {
         forgetting_scores_from_trajectory(t, d.train_x, d.train_y), d.train_y, ipc),
     "el2n_window": lambda d, t, m, ipc, seed: select_by_score(el2n_scores(m, d.train_x, d.train_y), d.train_y, ipc,
                                                               mode="window", start=0.3),
-    "cad_prune": lambda d, t, m, ipc, seed: cad_prune(t, d.train_x, d.train_y, ipc, budget_epochs=16)[0],
+    "cad_prune": lambda d, t, m, ipc, seed: cad_prune(t, d.train_x, d.train_y, ipc,
+                                                     budget_epochs=2 * 1222 / max(1, ipc * d.num_classes))[0],
 }
 
 
@@ -258,8 +260,8 @@ def test_cad_prune_picks_compute_aligned_checkpoint(traj, digits, step):
     i = traj.steps.index(step)
     assert examples_seen(traj, i) == seen
     budget_epochs = seen / (IPC * digits.num_classes)  # so that budget_epochs · ipc · C = examples seen
-    idx, report = cad_prune(traj, digits.train_x, digits.train_y, IPC, budget_epochs)
-    assert report["checkpoint"] == i and report["step"] == step and report["criterion"] == "median"
+    idx, report = cad_prune(traj, digits.train_x, digits.train_y, IPC, budget_epochs, variant="early")
+    assert report["checkpoint"] == i and report["step"] == step and report["criterion"] == "median-heuristic"
     _check_coreset(idx, digits.train_y, IPC, digits.num_classes)
     # The chosen window is the one of select_by_score on that checkpoint's EL2N.
     scores = el2n_scores(traj.load_model(i), digits.train_x, digits.train_y)
@@ -274,10 +276,31 @@ def test_cad_prune_evaluate_fn_and_budget_beyond_run(traj, digits):
         calls.append(idx)
         return -abs(len(calls) - 4)
 
-    idx, report = cad_prune(traj, x, y, IPC, 1.0, evaluate_fn=evaluate_fn, starts=(0.0, 0.1, 0.2, 0.3, 0.4))
+    idx, report = cad_prune(traj, x, y, IPC, 1.0, evaluate_fn=evaluate_fn, starts=(0.0, 0.1, 0.2, 0.3, 0.4),
+                            variant="early")
     assert report["start"] == 0.3 and report["criterion"] == "evaluate_fn" and torch.equal(idx, calls[3])
     assert report["step"] == 5  # 40 examples of budget: the earliest trained checkpoint (320 seen) is closest
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        _, report = cad_prune(traj, x, y, IPC, 1e4)
+        _, report = cad_prune(traj, x, y, IPC, 1e4, variant="early")
     assert report["checkpoint"] == len(traj) - 1 and any("exceeds" in str(m.message) for m in w)
+
+
+def test_cad_prune_default_scores_the_final_model_of_a_compute_aligned_run(traj, digits):
+    # Supplement Table 11: the final model of a full training whose compute matches the budget (default),
+    # not an early checkpoint of a longer run.
+    x, y, C = digits.train_x, digits.train_y, digits.num_classes
+    n = len(y)
+    assert compute_aligned_epochs(n, IPC, C, 2 * n / (IPC * C)) == 2  # the fixture's 2 epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # aligned: no warning
+        idx, report = cad_prune(traj, x, y, IPC, 2 * n / (IPC * C))
+    assert report["variant"] == "final" and report["checkpoint"] == len(traj) - 1
+    scores = el2n_scores(traj.load_model(len(traj) - 1), x, y)
+    assert torch.equal(idx, select_by_score(scores, y, IPC, "window", start=report["start"]))
+    # an early checkpoint would be chosen by the other variant for a one-epoch budget
+    assert cad_prune(traj, x, y, IPC, n / (IPC * C), variant="early")[1]["checkpoint"] < len(traj) - 1
+    with pytest.warns(UserWarning, match="compute_aligned_epochs"):
+        cad_prune(traj, x, y, IPC, 10 * n / (IPC * C))
+    with pytest.raises(ValueError, match="variant"):
+        cad_prune(traj, x, y, IPC, 1.0, variant="middle")

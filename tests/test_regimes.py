@@ -190,6 +190,31 @@ def test_sl_kd_relabels_every_augmented_view(digits, tiny, teacher):
     assert changed == len(views)
 
 
+def test_sl_kd_defaults_are_table_1_rrc_flip_cutmix(digits, tiny, teacher, monkeypatch):
+    # Table 1, SL+KD: RandomResizedCrop + HFlip + CutMix by default; HL / SL: DSA, no CutMix.
+    import ddfast.evaluate.regimes as regimes
+
+    calls = {"rrc": 0, "cutmix": 0, "dsa": 0, "crop_flip": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(regimes, "random_resized_crop", counting("rrc", regimes.random_resized_crop))
+    monkeypatch.setattr(regimes, "cutmix", counting("cutmix", regimes.cutmix))
+    monkeypatch.setattr(regimes, "dsa_augment", counting("dsa", regimes.dsa_augment))
+    monkeypatch.setattr(regimes, "random_crop_flip", counting("crop_flip", regimes.random_crop_flip))
+    x, y = tiny
+    res = evaluate(x, None, "sl+kd", teacher=teacher, data=digits, arch="mlp", budget=2, models=1,
+                   settings=RegimeSettings(batch_size=10))
+    assert calls == {"rrc": res.steps, "cutmix": res.steps, "dsa": 0, "crop_flip": 0}
+    calls.update(rrc=0, cutmix=0)
+    res = evaluate(x, y, "hl", data=digits, arch="mlp", budget=2, models=1, settings=RegimeSettings(batch_size=10))
+    assert calls == {"rrc": 0, "cutmix": 0, "dsa": res.steps, "crop_flip": 0}
+
+
 def test_settings_knobs_run(digits, tiny, teacher):
     x, y = tiny
     settings = RegimeSettings(augment="none", warmup_epochs=1, temperature=4.0)

@@ -70,7 +70,10 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_settings_paper_and_errors():
     p = TransferSettings.paper()
     assert (p.pretrain_epochs, p.pretrain_batch, p.pretrain_lr, p.pretrain_wd) == (1000, 256, 0.1, 1e-3)
-    assert (p.finetune_steps, p.finetune_batch, p.finetune_lr, p.finetune_wd) == (10_000, 128, 0.01, 5e-4)
+    assert (p.finetune_steps, p.finetune_batch, p.finetune_lr, p.finetune_wd) == (10_000, 256, 0.01, 5e-4)
+    # §4.1: 5,000 fine-tuning steps on the small targets, 10,000 on CIFAR / Tiny-ImageNet
+    assert (p.steps_for("flowers"), p.steps_for("CUB2011"), p.steps_for("cifar10")) == (5_000, 5_000, 10_000)
+    assert TransferSettings().steps_for("flowers") == TransferSettings().finetune_steps
     assert (p.kd_epochs, p.kd_batch, p.kd_lr, p.crop_padding, p.target_train_size) == (1000, 512, 1e-4, 4, None)
     assert (p.label_pretrain_lr, p.label_pretrain_wd) == (0.01, 5e-4)
     assert TransferSettings.paper(finetune_steps=5000).finetune_steps == 5000

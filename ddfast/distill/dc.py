@@ -27,7 +27,11 @@ Details:
   synthetic batch, :func:`ddfast.augment.siamese_dsa`; per-image DSA on the synthetic set in the inner
   loop), as in the DSA code; the default is plain DC.
 * With ``norm="batch"`` the per-class batches are normalised with their own statistics (the DC code's
-  freezing of BatchNorm statistics is not reproduced); the default network uses instance norm.
+  freezing of BatchNorm statistics is not reproduced: deviation, the default network uses instance norm,
+  so it does not arise by default).
+* CPU scale: a 2-block ConvNet at 8×8 and few outer iterations by default (deviation from the paper's
+  ConvNet-D3 at 32×32 and 1,000 iterations).
+* ``process_group=``: the whole step runs on every rank (replicated; no speed-up).
 """
 
 from __future__ import annotations

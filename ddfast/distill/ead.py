@@ -16,13 +16,29 @@ fused op streams checkpoints from disk and never takes a double backward).
   c = (2|S| − |D|)/|S| — negative as soon as |D| > 2|S|, which asks the synthetic gradient to point
   *against* the probe gradient.
 * ``"normalised"`` (default): α = 0, c = 1, both losses are means over their batches, so the synthetic
-  set's gradient is matched to the real one in the probe direction. On digits it is the better of the
-  two (README, EAD section).
+  set's gradient is matched to the real one in the probe direction.
+
+Worked example: digits has |D| = 1,222 training images; at |S| = 100 the printed coefficient is
+c = (2·100 − 1222)/100 = −10.22.
+
+Deviations from the paper, and why:
+
+* ``objective="normalised"`` is the default, not the printed eq. 4 coefficient: the printed one is
+  negative for |D| > 2|S| (above). Which objective, learning rate and t_m to use is to be chosen on the
+  data set's *validation* split (``ImageDataset.val_x``), with the test split scored once for the chosen
+  setting (:func:`ddfast.evaluate.selection.choose_on_validation`). Earlier README numbers that picked
+  them on test accuracy are not a validation-based choice.
+* Plain SGD trajectories: the derivation of eq. 5–7 (first-order expansion of SGD steps, P(t) ∝ η_t)
+  assumes plain SGD checkpoints. A trajectory trained with momentum > 0 is accepted with a warning (the
+  inner products are then taken at the momentum run's checkpoints, not the SGD steps the derivation
+  describes); train the trajectory with ``momentum=0`` for the method as derived.
+* CPU scale: ``ipc``, ``iterations``, batch sizes and t_m default to a digits-sized preset.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -129,6 +145,10 @@ class EffectAlignmentDistiller(Distiller):
         if cfg.t_m > len(trajectory):
             raise ValueError(f"t_m: {cfg.t_m} checkpoints per iteration requested, the trajectory has {len(trajectory)}")
         self.trajectory = trajectory
+        momentum = float(((getattr(trajectory, "index", None) or {}).get("optimizer") or {}).get("momentum", 0.0) or 0.0)
+        if momentum > 0:
+            warnings.warn(f"trajectory: trained with SGD momentum {momentum}; EAD's derivation assumes plain SGD "
+                          "checkpoints (train the trajectory with momentum=0)", UserWarning, stacklevel=2)
         self.model = trajectory.build_model().to(x.dtype)
         trajectory.check_model(self.model)
         self.model.eval()  # BatchNorm uses the checkpoints' statistics; ConvNet/MLP have none

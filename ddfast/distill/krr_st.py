@@ -6,13 +6,28 @@ model's feature extractor f_ω (features with a bias column appended, as the met
     L_outer(X_s, Y_s) = mean ‖g_φ(X̄_t) − f_ω(X̄_t) f_ω(X_s)ᵀ (K_ss + λ·tr(K_ss) I)⁻¹ Y_s‖²       (eq. 4)
 
 computed by :func:`ddfast.ops.krr_predict` (one Cholesky factor in the forward, reused by the
-backward), with the regulariser's trace detached. The paper writes ½‖·‖²_F; the method's code uses
-the mean, and its learning rates are tuned for the mean, so the mean is used (Adam is invariant to the
-scale anyway). Each meta-step samples a real batch X̄_t and a pool model uniformly, updates X_s and
+backward), with the regulariser's trace detached.
+
+Loss scale: the paper writes ½‖·‖²_F (eq. 2, 4, 5 and Algorithm 1); the method's code uses the mean
+(``F.mse_loss``), i.e. the paper's loss divided by b·d_y/2, and its learning rates are tuned for the mean,
+so the mean is used here for eq. 4 and eq. 2 alike. AdamW on X_s, Y_s is invariant to that constant
+(up to ε); the pool's SGD is not, so ``pool_lr`` is the code's value for the mean. Each meta-step samples a real batch X̄_t and a pool model uniformly, updates X_s and
 Y_s by AdamW with a linearly decayed learning rate, then trains the sampled model one full-batch SGD
 step on ``mean ‖h_W∘f_ω(X_s) − Y_s‖²`` (eq. 2), or re-initialises it after T steps (lines 11–15).
 Pool models are initialised with t ~ U{1..T} such steps on the initial (X_s, Y_s) (§3.2).
 g_φ(X_t) never changes: it is computed once for the whole training set and cached.
+
+Paper vs the official code (both available; the defaults are the paper's):
+
+* ``real_augment`` (default False, the paper's Algorithm 1): the official step augments the real batch
+  (random crop, 4 px padding at 32 px — ``image_size // 8`` here —, and a horizontal flip) before both
+  g_φ and f_ω, so g_φ is evaluated on every augmented batch (the target model is then required, the
+  cache is not used). The code also uses b = 1024 (``batch_size``; default 256 here, CPU scale).
+* ``pool_reset="paper"`` (default): a model that has taken T steps is re-initialised with t_i = 0
+  (Algorithm 1, lines 11–15). ``"official"``: the official pool never resets t_i, so a model at T is
+  re-initialised on every later visit (it is used fresh from then on).
+
+README/docs numbers were produced with the defaults (paper) unless stated.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddfast.augment.crop import random_crop_flip
 from ddfast.distill.base import Distiller
 from ddfast.distributed import optimizer_state_tensors
 from ddfast.models import build_model
@@ -36,6 +52,7 @@ from ddfast.ssl.barlow_twins import encode
 __all__ = ["KRRSTConfig", "KRRSTResult", "KRRSTDistiller", "ModelPool", "outer_loss"]
 
 INITS = ("target", "gaussian")
+POOL_RESETS = ("paper", "official")
 
 
 @dataclass
@@ -49,6 +66,9 @@ class KRRSTConfig:
     ``"gaussian"`` (the "w/o init" ablation of appendix E, Y_s ~ N(0, I)). arch/widths/norm: the pool
     network (ConvNet-D3 128-256-512 BN at 32×32). grad_clip: max-norm of each meta-gradient (0 = off).
     solve_dtype: dtype of the factorisation (None = the data's, float32 as in the method's code).
+    real_augment: crop + flip of the real batch before g_φ and f_ω (the official code; paper: off).
+    pool_reset: ``"paper"`` (t_i ← 0 after T steps) or ``"official"`` (t_i stays T: re-initialised on every
+    visit from then on).
     """
 
     m: int = 100
@@ -75,6 +95,8 @@ class KRRSTConfig:
     channels_last: bool = False  # pool models and images in NHWC
     compile: bool = False  # torch.compile the pool models (opt-in)
     fold_bn: bool = False  # outer-loss passes with BatchNorm folded into the convolutions (eval mode)
+    real_augment: bool = False  # official code: crop + flip of the real batch (needs the target model)
+    pool_reset: str = "paper"  # "paper" | "official"
 
     def __post_init__(self):
         for name in ("m", "steps", "batch_size", "pool_size", "pool_steps"):
@@ -88,6 +110,8 @@ class KRRSTConfig:
             raise ValueError(f"lr_end_factor: expected a value in (0, 1], got {self.lr_end_factor!r}")
         if self.init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {self.init!r}")
+        if self.pool_reset not in POOL_RESETS:
+            raise ValueError(f"pool_reset: expected one of {POOL_RESETS}, got {self.pool_reset!r}")
         if self.solve_dtype not in (None, "float32", "float64"):
             raise ValueError(f"solve_dtype: expected None, 'float32' or 'float64', got {self.solve_dtype!r}")
         if self.widths is not None:
@@ -132,8 +156,12 @@ class ModelPool:
     """
 
     def __init__(self, make_model: Callable[[], nn.Module], size: int, max_steps: int, lr: float,
-                 momentum: float, weight_decay: float, generator: torch.Generator, precision: str = "fp32"):
+                 momentum: float, weight_decay: float, generator: torch.Generator, precision: str = "fp32",
+                 reset: str = "paper"):
+        if reset not in POOL_RESETS:
+            raise ValueError(f"reset: expected one of {POOL_RESETS}, got {reset!r}")
         self.make_model, self.size, self.max_steps = make_model, size, max_steps
+        self.reset = reset
         self.precision = precision
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.generator = generator
@@ -191,13 +219,15 @@ class ModelPool:
                     opt.load_state_dict(opt_state)
 
     def update(self, idx: int, x_syn: torch.Tensor, y_syn: torch.Tensor) -> None:
-        """Algorithm 1 lines 11–15: one more step while t_i < T, else re-initialise with t_i = 0."""
+        """Algorithm 1 lines 11–15: one more step while t_i < T, else re-initialise with t_i = 0
+        (``reset="official"``: t_i stays T, so the model is re-initialised on every later visit)."""
         if self.iterations[idx] < self.max_steps:
             self.iterations[idx] += 1
             self.train_step(idx, x_syn, y_syn)
         else:
             self.models[idx], self.optimizers[idx] = self._fresh()
-            self.iterations[idx] = 0
+            if self.reset == "paper":
+                self.iterations[idx] = 0
             self.resets += 1
 
     def state_dict(self) -> dict:
@@ -258,6 +288,10 @@ class KRRSTDistiller(Distiller):
         n = x_train.shape[0]
         if config.m > n:
             raise ValueError(f"m: {config.m} synthetic examples requested but the data set has only {n} images")
+        if config.real_augment and target is None:
+            raise ValueError("target: real_augment=True evaluates g_φ on every augmented real batch; give the "
+                             "target model (train_targets alone is not enough)")
+        self.target = target
         if train_targets is None:
             if target is None:
                 raise ValueError("target: give the target model g_φ or its outputs train_targets")
@@ -288,7 +322,8 @@ class KRRSTDistiller(Distiller):
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0,
                                                            end_factor=config.lr_end_factor, total_iters=config.steps)
         self.pool = ModelPool(self.make_model, config.pool_size, config.pool_steps, config.pool_lr,
-                              config.pool_momentum, config.pool_wd, self.generator, config.precision)
+                              config.pool_momentum, config.pool_wd, self.generator, config.precision,
+                              reset=config.pool_reset)
         self.step_count = 0
 
     def make_model(self) -> nn.Module:
@@ -311,10 +346,17 @@ class KRRSTDistiller(Distiller):
         idx = int(torch.randint(0, cfg.pool_size, (1,), generator=self.generator))
         model = self.pool.models[idx]
         model.eval()
+        x_real = self.x_train[real]
+        if cfg.real_augment:  # the whole batch's draws, so that they do not depend on the number of ranks
+            x_real = random_crop_flip(x_real, self.generator, padding=max(1, x_real.shape[-1] // 8), flip=True)
+        rows = torch.arange(real.numel())
         if self.dist.active:  # this rank's rows of the real batch
-            real, weight = self._real_rows(real)
+            rows, weight = self._real_rows(rows)
+        x_real = x_real[rows]
+        y_real = (encode(self.target, x_real).to(self.train_targets.dtype) if cfg.real_augment
+                  else self.train_targets[real[rows]])
         features = fold_batchnorm(model.features) if cfg.fold_bn else model.features
-        loss = outer_loss(features, self.images, self.targets, self.x_train[real], self.train_targets[real],
+        loss = outer_loss(features, self.images, self.targets, x_real, y_real,
                           lam=cfg.lam, solve_dtype=self.solve_dtype, backend=cfg.backend, precision=cfg.precision)
         self.optimizer.zero_grad(set_to_none=True)
         gx, gy = torch.autograd.grad(loss, [self.images, self.targets])

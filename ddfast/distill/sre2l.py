@@ -27,6 +27,12 @@ teacher itself never changes.
 Relabel: the synthetic images are scored by the teacher; :func:`relabel` returns its logits, which the
 result carries as ``soft_labels`` for the SL / SL+KD evaluation regimes (supplement §2, Tab. 1), while
 ``labels`` stay the class-major hard labels.
+
+Deviations from SRe2L / DWA, and why: the image learning rate is constant by default (SRe2L anneals it with
+a cosine, ``lr_schedule="cosine"``; on digits both reach the same loss, and a constant rate keeps a resumed
+run with more iterations identical to an uninterrupted one); the jitter is pad-and-crop (+ flip) at 8×8
+rather than SRe2L's random resized crop at 224×224; teacher and budgets are CPU scale. ``process_group=``
+replicates the whole step on every rank (no speed-up).
 """
 
 from __future__ import annotations

@@ -16,8 +16,15 @@ is back-propagated through the unrolled steps to the images, to α and, for DATM
   targets) and ``correct_init=True`` (initial real images drawn among those the final expert
   classifies correctly). :func:`datm_config` fills these in.
 
-Note: a "step" of the expert here is one stored checkpoint (``every`` SGD steps of the expert run,
-``traj.index["steps_per_epoch"]`` steps per epoch), where MTT counts epochs.
+Differences from MTT / DATM, and why:
+
+* Experts: MTT trains many experts (several trajectories) with plain SGD (no momentum, no weight
+  decay); ``trajectories=`` takes a list and one is drawn per iteration, and the experts' optimiser is
+  whatever :func:`ddfast.trajectory.train_trajectory` was given — train them with ``momentum=0`` and
+  several seeds to match MTT (the CPU-scale soft-label runs used one trajectory).
+* M (``expert_steps``) and T⁻ / T⁺ (``min_start`` / ``max_start``) count stored checkpoints, where MTT
+  counts epochs: with a trajectory saved once per epoch (``every = steps_per_epoch``) they coincide;
+  otherwise M epochs = M · steps_per_epoch / every checkpoints (:meth:`TMDistiller.checkpoints_per_epoch`).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from torch.func import functional_call
 from ddfast.data.datasets import balanced_subset
 from ddfast.distill.common import ImageDistiller
 from ddfast.distributed import optimizer_state_tensors
-from ddfast.evaluate.transfer import DSA_FAMILIES, dsa_augment
+from ddfast.augment.dsa import DSA_FAMILIES, dsa_augment
 from ddfast.trajectory import Trajectory
 
 __all__ = ["TMConfig", "TMDistiller", "tm_loss", "datm_config", "flat_parameters", "LR_PARAMETERISATIONS"]
@@ -308,6 +315,12 @@ class TMDistiller(ImageDistiller):
         lr0 = math.log(cfg.lr_teacher) if cfg.lr_parameterisation == "log" else cfg.lr_teacher
         self.lr_param = torch.tensor(lr0, dtype=x.dtype).requires_grad_(cfg.learn_lr)
         self.lr_opt = torch.optim.SGD([self.lr_param], lr=cfg.lr_lr, momentum=0.5) if cfg.learn_lr else None
+
+    def checkpoints_per_epoch(self) -> float:
+        """Stored checkpoints per expert epoch (``steps_per_epoch / every`` of the first trajectory), to
+        convert MTT's epoch counts into ``expert_steps`` / ``min_start`` / ``max_start``."""
+        ix = self.trajectories[0].index
+        return float(ix.get("steps_per_epoch", 1)) / float(ix.get("every", 1))
 
     @property
     def syn_lr(self) -> torch.Tensor:

@@ -14,8 +14,10 @@ the effect of subset size* (supp. §7.2):
 
 Sign convention: a useful objective has *lower* loss on subsets with *higher* accuracy, i.e. ρ < 0, so
 DCS = −ρ is near +1 for a well aligned objective, near 0 for an uninformative one and negative for a
-misleading one. :class:`DCSResult` keeps both ``rho`` (the raw partial ρ, as the paper's plots report it)
-and ``dcs``. Ranks average over ties. Only the part of the size effect that is linear in rank(size) is
+misleading one. :class:`DCSResult` keeps both ``rho`` (the partial ρ of loss with *accuracy*) and ``dcs``.
+The paper's plots report the correlation of the loss with generalisation *error* (supp. Fig. 3(a): "the
+correlation of DM loss objective with ID generalization error", ρ = 0.41), i.e. ρ(L, 100 − A | size) =
+−ρ(L, A | size) = ``dcs``: compare the paper's ρ values with ``dcs``, not with ``rho``. Ranks average over ties. Only the part of the size effect that is linear in rank(size) is
 removed; a subset size that is constant across all subsets reduces ρ to the ordinary Spearman ρ.
 
 Pipeline: :func:`build_subsets` (selectors × IPCs × seeds, plus :func:`duplicate_subset` variants) →

@@ -9,8 +9,10 @@ repeated for ``models`` initialisations (``seed``, ``seed + 1``, ...) and the me
   fixed; the student minimises ``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` with T = 20 (:func:`kd_kl_loss`),
   AdamW (lr 1e-3, weight decay 0.01), cosine annealing per step (optional linear warm-up), batch 256, DSA.
 * ``"sl+kd"`` — Soft Label + Knowledge Distillation: the teacher (eval mode, no grad) relabels *every*
-  augmented view; same loss, optimiser and schedule as SL; random crop + flip, and optionally CutMix
-  (λ ~ Beta(1, 1), one box per batch) applied before teacher and student see the batch.
+  augmented view; same loss, optimiser and schedule as SL; RandomResizedCrop + horizontal flip and CutMix
+  (λ ~ Beta(1, 1), one box per batch) applied before teacher and student see the batch (Table 1:
+  "RRC + HFlip + CutMix"). The flip is left out for greyscale images by default (it changes what a digit
+  means); ``flip=True`` forces it.
 
 The compute budget is the number of epochs; one epoch is a shuffled pass over the N images in minibatches
 of ``min(batch_size, N)``, so a run sees ``epochs × N`` images in ``epochs × ⌈N / batch⌉`` steps.
@@ -34,13 +36,14 @@ from torch import nn
 
 from ddfast.data.datasets import ImageDataset
 from ddfast.evaluate.train import accuracy, mean_std
-from ddfast.evaluate.transfer import DSA_FAMILIES, dsa_augment, random_crop_flip
+from ddfast.augment import DSA_FAMILIES, cutmix, dsa_augment, random_crop_flip, random_resized_crop
+from ddfast.losses import kd_kl_loss  # noqa: F401 (re-exported)
 from ddfast.models import build_model
 
 __all__ = ["REGIMES", "RegimeSettings", "RegimeResult", "evaluate", "kd_kl_loss", "cutmix"]
 
 REGIMES = ("hl", "sl", "sl+kd")
-AUGMENTATIONS = ("dsa", "crop_flip", "none")
+AUGMENTATIONS = ("dsa", "rrc_flip", "crop_flip", "none")
 
 
 @dataclass
@@ -48,8 +51,9 @@ class RegimeSettings:
     """Hyper-parameters of the three regimes (seed Table 1, small-scale columns, unless noted).
 
     ``None`` fields take the regime's default: ``epochs`` 300; ``augment`` ``"dsa"`` for HL / SL and
-    ``"crop_flip"`` for SL+KD (Table 1's RRC + HFlip); ``flip`` only for colour images; ``crop_padding``
-    an eighth of the side (at least 1 px).
+    ``"rrc_flip"`` for SL+KD (Table 1's RRC + HFlip; ``rrc_scale`` the crop's area range, torchvision's
+    (0.08, 1) by default); ``cutmix`` on for SL+KD (Table 1), never for HL / SL; ``flip`` only for colour
+    images; ``crop_padding`` (``"crop_flip"``: pad-and-crop) an eighth of the side (at least 1 px).
     """
 
     epochs: int | None = None
@@ -70,7 +74,8 @@ class RegimeSettings:
     dsa_families: tuple[str, ...] = DSA_FAMILIES
     crop_padding: int | None = None
     flip: bool | None = None
-    cutmix: bool = False  # SL+KD only
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    cutmix: bool | None = None  # SL+KD only; None: on (Table 1)
     eval_batch_size: int = 2048
 
     def __post_init__(self):
@@ -121,48 +126,6 @@ class RegimeResult:
 
     def __str__(self) -> str:
         return f"{self.mean:.2f} ± {self.std:.2f}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Loss and CutMix
-# --------------------------------------------------------------------------------------------------
-
-
-def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 20.0) -> torch.Tensor:
-    """Temperature-scaled distillation loss ``T² · (1/B) Σ_b KL(softmax(t_b/T) ‖ softmax(s_b/T))``.
-
-    Shape: ``student_logits``, ``teacher_logits`` [B, C] → scalar. The T² factor keeps the gradient scale
-    independent of T (Hinton et al.); seed Table 1 uses T = 20 for SL and SL+KD.
-
-    Equivalent PyTorch: ``F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-    reduction="batchmean") * T * T``.
-    """
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"teacher_logits: expected the student's shape [B, C] {list(student_logits.shape)}, "
-                         f"got {list(teacher_logits.shape)}")
-    log_p_s = F.log_softmax(student_logits / T, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.to(student_logits) / T, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * (T * T)
-
-
-def cutmix(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """CutMix of a batch with a shuffled copy of itself: one box of area ``(1 − λ)·h·w``, λ ~ Beta(1, 1).
-
-    The box centre is uniform and the box is clipped at the border (as in the reference CutMix). Labels are
-    not mixed: under SL+KD the teacher labels the mixed images.
-    """
-    b, _, h, w = x.shape
-    lam = float(torch.rand(1, generator=generator))  # Beta(1, 1) = U(0, 1)
-    perm = torch.randperm(b, generator=generator).to(x.device)
-    ratio = math.sqrt(1.0 - lam)
-    ch, cw = int(h * ratio), int(w * ratio)
-    cy = int(torch.randint(h, (1,), generator=generator))
-    cx = int(torch.randint(w, (1,), generator=generator))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    out = x.clone()
-    out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,8 +212,11 @@ def _augmenter(kind: str, settings: RegimeSettings, data: ImageDataset):
         return lambda x, g: x
     if kind == "dsa":
         return lambda x, g: dsa_augment(x, g, settings.dsa_families)
-    padding = settings.crop_padding if settings.crop_padding is not None else max(1, data.image_size // 8)
     flip = settings.flip if settings.flip is not None else data.channels == 3
+    if kind == "rrc_flip":
+        scale = tuple(settings.rrc_scale)
+        return lambda x, g: random_resized_crop(x, g, scale=scale, flip=flip)
+    padding = settings.crop_padding if settings.crop_padding is not None else max(1, data.image_size // 8)
     fill = -torch.tensor(data.mean) / torch.tensor(data.std)  # a black pixel in normalised units
     return lambda x, g: random_crop_flip(x, g, padding=padding, flip=flip, fill=fill)
 
@@ -289,9 +255,9 @@ def _train_one(regime, images, targets, teacher, data, arch, options, epochs, se
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=settings.sl_lr, weight_decay=settings.sl_weight_decay)
         sched = _schedule(regime, opt, epochs, steps_per_epoch, settings)
-        kind = settings.augment or ("crop_flip" if regime == "sl+kd" else "dsa")
+        kind = settings.augment or ("rrc_flip" if regime == "sl+kd" else "dsa")
         augment = _augmenter(kind, settings, data)
-        use_cutmix = regime == "sl+kd" and settings.cutmix
+        use_cutmix = regime == "sl+kd" and settings.cutmix is not False
         steps = 0
         for _ in range(epochs):
             for idx in _epoch_batches(n, batch, gen):

@@ -4,6 +4,7 @@ CAD-Prune (soft-labels-hard-truths supp. §1.3, §4, §8.5)."""
 
 from ddfast.select.coresets import (
     cad_prune,
+    compute_aligned_epochs,
     count_forgetting,
     el2n_from_logits,
     el2n_scores,
@@ -37,4 +38,5 @@ __all__ = [
     "select_by_score",
     "examples_seen",
     "cad_prune",
+    "compute_aligned_epochs",
 ]

@@ -48,6 +48,8 @@ __all__ = [
     "examples_seen",
     "cad_prune",
     "CAD_PRUNE_STARTS",
+    "CAD_PRUNE_VARIANTS",
+    "compute_aligned_epochs",
 ]
 
 CAD_PRUNE_STARTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # window starts tried by cad_prune
@@ -395,30 +397,58 @@ def examples_seen(traj, i: int) -> int:
     return (t // spe) * n + min((t % spe) * b, n)
 
 
-def cad_prune(traj, x: torch.Tensor, y, ipc: int, budget_epochs: float, *,
+CAD_PRUNE_VARIANTS = ("final", "early")
+
+
+def compute_aligned_epochs(n_train: int, ipc: int, num_classes: int, budget_epochs: float) -> int:
+    """Full-set epochs with the compute of the downstream budget: round(budget_epochs · ipc · C / n), ≥ 1.
+
+    Train the full-set model of CAD-Prune's default variant for this many epochs (e.g.
+    ``train_trajectory(data, arch, out, epochs=compute_aligned_epochs(...), every=..., schedule="cosine")``).
+    """
+    if n_train < 1:
+        raise ValueError(f"n_train: expected a positive training-set size, got {n_train!r}")
+    return max(1, int(round(float(budget_epochs) * ipc * num_classes / n_train)))
+
+
+def cad_prune(traj, x: torch.Tensor, y, ipc: int, budget_epochs: float, *, variant: str = "final",
               evaluate_fn: Callable[[torch.Tensor], float] | None = None,
               starts: Sequence[float] = CAD_PRUNE_STARTS, num_classes: int | None = None,
               batch_size: int = 512) -> tuple[torch.Tensor, dict]:
-    """CAD-Prune: EL2N at the compute-aligned checkpoint of a full-set run, then the best score window (supp. §8.5).
+    """CAD-Prune: EL2N of a compute-aligned full-set model, then a score window (supp. §8.5, Table 11).
 
-    1. Downstream budget B = ``budget_epochs · ipc · num_classes`` examples seen. Among the checkpoints
-       with SGD step > 0 choose the one whose :func:`examples_seen` is closest to B (ties: the earlier);
-       if B exceeds the whole run, the last checkpoint is used and a warning says so.
-    2. Score every example with EL2N (:func:`el2n_scores`) of that checkpoint.
-    3. For each window start in ``starts`` take :func:`select_by_score` (``mode="window"``); keep the
-       window with the highest ``evaluate_fn(indices)`` (e.g. accuracy of a model trained on it; ties:
-       the first). Without ``evaluate_fn`` no training is done: the window whose mean score is closest
-       to the median EL2N of the whole set is kept — a cheap heuristic favouring mid-difficulty examples,
-       not an estimate of accuracy.
+    The downstream budget is B = ``budget_epochs · ipc · num_classes`` examples seen.
+
+    1. The scoring model (``variant``):
+
+       * ``"final"`` (default; the supplement's "compute-aware" variant, the better one in Table 11): the
+         *final* checkpoint of ``traj``, a training run on the full set whose whole compute is aligned
+         with B (:func:`compute_aligned_epochs`). A warning says when the run's compute is off by more
+         than one epoch of the full set.
+       * ``"early"`` ("early of full-training" in Table 11, reported worse): among the checkpoints of a
+         longer run with SGD step > 0, the one whose :func:`examples_seen` is closest to B (ties: the
+         earlier); if B exceeds the whole run, the last checkpoint is used and a warning says so.
+
+    2. Score every example with EL2N (:func:`el2n_scores`) of that model.
+    3. For each window start in ``starts`` take :func:`select_by_score` (``mode="window"``). With
+       ``evaluate_fn`` the window with the highest ``evaluate_fn(indices)`` is kept (ties: the first);
+       ``evaluate_fn`` must score on *validation* data (e.g. the accuracy on ``ImageDataset.val_x`` of a
+       model trained on the window), never on the test split. Without it no training is done and a
+       *heuristic* picks the window: the one whose mean score is closest to the median EL2N of the whole
+       set (mid-difficulty examples; not an estimate of accuracy; ``report["criterion"] ==
+       "median-heuristic"``). One model per window with ``evaluate_fn`` is EL2N-Best's cost.
 
     Args:
         traj: :class:`ddfast.trajectory.Trajectory` of training on the full set (``x``, ``y``).
         ipc: examples per class. budget_epochs: downstream epochs over the coreset.
+        variant: ``"final"`` or ``"early"`` (above).
     Returns:
-        ``(indices, report)``: LongTensor ``[ipc · num_classes]`` and a dict with ``checkpoint``,
-        ``step``, ``examples_seen``, ``budget_examples``, ``start``, ``criterion``
-        (``"evaluate_fn"`` or ``"median"``) and ``window_values`` (start → criterion value).
+        ``(indices, report)``: LongTensor ``[ipc · num_classes]`` and a dict with ``variant``,
+        ``checkpoint``, ``step``, ``examples_seen``, ``budget_examples``, ``start``, ``criterion``
+        (``"evaluate_fn"`` or ``"median-heuristic"``) and ``window_values`` (start → criterion value).
     """
+    if variant not in CAD_PRUNE_VARIANTS:
+        raise ValueError(f"variant: expected one of {CAD_PRUNE_VARIANTS}, got {variant!r}")
     x = _check_x(x)
     yl = _labels(y, x.shape[0])
     members = _class_members(yl, ipc, num_classes)
@@ -429,13 +459,23 @@ def cad_prune(traj, x: torch.Tensor, y, ipc: int, budget_epochs: float, *,
     if not starts or any(not 0.0 <= s <= 1.0 for s in starts):
         raise ValueError(f"starts: expected window start fractions in [0, 1], got {starts}")
     budget = float(budget_epochs) * ipc * C
-    cands = [i for i, s in enumerate(traj.steps) if s > 0] or [len(traj) - 1]
-    seen = {i: examples_seen(traj, i) for i in cands}
-    best = min(cands, key=lambda i: (abs(seen[i] - budget), i))
-    if budget > seen[cands[-1]]:
-        warnings.warn(f"budget_epochs: the budget of {budget:.0f} examples exceeds the trajectory's "
-                      f"{seen[cands[-1]]} (step {traj.steps[cands[-1]]}); scoring with its last checkpoint",
-                      stacklevel=2)
+    if variant == "final":
+        best = len(traj) - 1
+        seen = {best: examples_seen(traj, best)}
+        n_full = int(traj.index["train_examples"])
+        if abs(seen[best] - budget) > n_full:
+            warnings.warn(f"traj: its final checkpoint has seen {seen[best]} examples, the budget is {budget:.0f} "
+                          f"(more than one epoch of {n_full} apart); train the full-set model for "
+                          f"compute_aligned_epochs(...) = {compute_aligned_epochs(n_full, ipc, C, budget_epochs)} "
+                          "epochs", stacklevel=2)
+    else:
+        cands = [i for i, s in enumerate(traj.steps) if s > 0] or [len(traj) - 1]
+        seen = {i: examples_seen(traj, i) for i in cands}
+        best = min(cands, key=lambda i: (abs(seen[i] - budget), i))
+        if budget > seen[cands[-1]]:
+            warnings.warn(f"budget_epochs: the budget of {budget:.0f} examples exceeds the trajectory's "
+                          f"{seen[cands[-1]]} (step {traj.steps[cands[-1]]}); scoring with its last checkpoint",
+                          stacklevel=2)
     net = traj.build_model().to(x.device)
     net.load_state_dict(traj.load(best, device=x.device))
     scores = el2n_scores(net, x, yl, batch_size=batch_size)
@@ -447,7 +487,7 @@ def cad_prune(traj, x: torch.Tensor, y, ipc: int, budget_epochs: float, *,
         med = float(scores.median())
         values = {s: abs(float(scores[idx].mean()) - med) for s, idx in windows.items()}
         chosen = min(starts, key=lambda s: (values[s], starts.index(s)))
-    report = {"checkpoint": best, "step": int(traj.steps[best]), "examples_seen": seen[best],
+    report = {"variant": variant, "checkpoint": best, "step": int(traj.steps[best]), "examples_seen": seen[best],
               "budget_examples": budget, "start": chosen,
-              "criterion": "evaluate_fn" if evaluate_fn is not None else "median", "window_values": values}
+              "criterion": "evaluate_fn" if evaluate_fn is not None else "median-heuristic", "window_values": values}
     return windows[chosen], report
