@@ -109,3 +109,8 @@ def test_every_count_option_rejects_zero():
                 with pytest.raises(argparse.ArgumentTypeError):
                     action.type("0")
     assert n > 40
+
+
+def test_bench_runs_the_harness(capsys):
+    assert main(["bench", "--list", "--ops", "relu_max_pool2d", "--device", "cpu"]) == 0
+    assert "relu_max_pool2d" in capsys.readouterr().out
