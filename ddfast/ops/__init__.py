@@ -13,6 +13,7 @@ from ddfast.ops.ghost_products import (
 )
 from ddfast.ops.relu_max_pool2d import ReluMaxPool2d, relu_max_pool2d
 from ddfast.ops.ridge_solve import krr_predict, ridge_weights
+from ddfast.ops.ridge_solve import krr_predict_from_gram, ridge_from_gram  # noqa: F401
 
 __all__ = [
     "ridge_weights",

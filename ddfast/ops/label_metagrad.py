@@ -508,7 +508,8 @@ def ridge_logits(z, w, scale=1.0, bias=True):
     return scale * (z @ w)
 
 
-def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.01, lam=1.0, scale=1.0, bias=True, backend="auto"):
+def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.01, lam=1.0, scale=1.0, bias=True,
+                         check_finite=None, backend="auto"):
     """LD-RR label step (Algorithm 1, lines 9–11): ``(L_out, ∂L_out/∂ỹ, W_l, W)``.
 
         W_l = [Z̃,1]ᵀ([Z̃,1][Z̃,1]ᵀ + λI)⁻¹ ỹ        (eq. 3)
@@ -518,8 +519,24 @@ def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.
     Features are treated as constants (the labels' gradient only); ``W`` is returned detached. The
     fused path differentiates through ``ridge_weights``, whose backward reuses the forward's factor.
     Shapes: z_base ``[N, d]``, y_soft ``[N, C]``, z_real ``[M, d]``, y_real ``[M]``/``[M, C]``,
-    w_prev ``[d(+1), C]``.
+    w_prev ``[d(+1), C]``. ``check_finite``: NaN/Inf in any input raises a ValueError naming it (one host
+    sync per input); ``False`` skips the checks in hot loops, None follows ``ddfast.settings.check_finite``.
     """
+    from ddfast.ops.ridge_solve import _checking, _raise_if_nonfinite
+
+    for name, x in (("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("y_real", y_real), ("w_prev", w_prev)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("w_prev", w_prev)):
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    for name, v, ok, what in (("pseudo_lr", pseudo_lr, lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("scale", scale, lambda v: abs(v) < float("inf"), "finite"),
+                              ("lam", lam, lambda v: 0 < v < float("inf"), "finite and > 0")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+        if not ok(float(v)):
+            raise ValueError(f"{name}: expected a float {what}, got {v}")
     if z_base.dim() != 2 or z_real.dim() != 2 or z_base.shape[1] != z_real.shape[1]:
         raise ValueError(f"z_base, z_real: expected features [N, d] and [M, d], got {tuple(z_base.shape)}, {tuple(z_real.shape)}")
     if y_soft.dim() != 2 or y_soft.shape[0] != z_base.shape[0]:
@@ -527,12 +544,17 @@ def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.
     d = z_base.shape[1] + int(bias)
     if tuple(w_prev.shape) != (d, y_soft.shape[1]):
         raise ValueError(f"w_prev: expected [{d}, {y_soft.shape[1]}], got {tuple(w_prev.shape)}")
+    if y_real.shape[0] != z_real.shape[0]:
+        raise ValueError(f"y_real: expected {z_real.shape[0]} rows like z_real, got shape {tuple(y_real.shape)}")
+    if _checking(check_finite):
+        _raise_if_nonfinite([("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("w_prev", w_prev)]
+                            + ([("y_real", y_real)] if y_real.is_floating_point() else []))
     y = y_soft.detach().requires_grad_(True)
     with torch.enable_grad():
         if backend == "reference":
             w_local = ridge_weights_ref(z_base.detach(), y, lam, bias=bias)
         else:
-            w_local = ridge_weights(z_base.detach(), y, lam, bias=bias, backend=backend)
+            w_local = ridge_weights(z_base.detach(), y, lam, bias=bias, check_finite=check_finite, backend=backend)
         w = (1.0 - pseudo_lr) * w_prev.detach() + pseudo_lr * w_local
         loss = outer_loss(ridge_logits(z_real.detach(), w, scale, bias), y_real)
         (grad,) = torch.autograd.grad(loss, y)
