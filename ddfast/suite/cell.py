@@ -200,6 +200,9 @@ def run_cell(run_dir: str, *, progress: bool = False, device: str | None = None)
                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cell_id": cell["id"],
                  "argv": sys.argv})
     group = _maybe_distributed() if method_spec(cfg["method"]).distributed else None
+    if group is None and int(os.environ.get("RANK", "0")) != 0:
+        # several ranks (torchrun, Slurm tasks) on a method that runs in one process: rank 0 does the work
+        return {"status": "done", "rank": int(os.environ["RANK"]), "skipped": "single-process method"}
     main = group is None or torch.distributed.get_rank() == 0
     if main:
         write_json_atomic(meta_path, meta)
