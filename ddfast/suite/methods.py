@@ -253,9 +253,10 @@ def _random(ctx: CellContext) -> SetData:
 def _kcenters(ctx: CellContext) -> SetData:
     from ddfast.select import k_centers, model_features
 
-    _pop(ctx.options, "kcenters", {})
+    o = _pop(ctx.options, "kcenters", {"start": "random"})
     d = ctx.data
-    idx = k_centers(model_features(ctx.teacher, d.train_x), d.train_y, ctx.ipc, seed=ctx.seed, num_classes=d.num_classes)
+    idx = k_centers(model_features(ctx.teacher, d.train_x), d.train_y, ctx.ipc, seed=ctx.seed, num_classes=d.num_classes,
+                    start=o["start"])
     return SetData(d.train_x[idx].clone(), d.train_y[idx].clone(), info={"indices": idx.tolist()})
 
 
