@@ -103,20 +103,20 @@ fi
 # -- 2. what is built and usable ----------------------------------------------------------------------
 want info && stage info 60 bash -c "nvidia-smi 2>/dev/null || echo '(no nvidia-smi)'; $PY -m ddfast.info"
 
-# -- 3. GPU tests: compiled kernels on CUDA tensors (interpreter off), every failure reported (no -x) -----
-PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml" -o junit_family=xunit2)
-if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=120); fi
-OP_TESTS=(tests/test_ridge_solve.py tests/test_label_metagrad.py tests/test_label_metagrad_kernels.py
-          tests/test_ghost_products.py tests/test_relu_max_pool2d.py tests/test_checkpoint_grad_inner.py)
+# -- 3. GPU tests: compiled kernels on CUDA tensors (interpreter off), every failure reported (no -x); ------
+#       one pytest process per file in parallel (bench/pytest_parallel.sh): Triton JIT-compiles per process
+OP_TESTS="tests/test_ridge_solve.py tests/test_label_metagrad.py tests/test_label_metagrad_kernels.py
+          tests/test_ghost_products.py tests/test_relu_max_pool2d.py tests/test_checkpoint_grad_inner.py"
 GPU_TESTS=$(ls tests/test_gpu_*.py 2>/dev/null)
+rm -rf "$OUT/junit" "$OUT/tests"
 if ! want tests; then :
 elif [ "$DRY" = 1 ]; then
     # CPU: the GPU-only files on CPU tensors, and the contract suite of one op through the interpreter.
-    stage tests "${GPU_CHECK_TESTS_S:-170}" env DDFAST_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
-        "$PY" -m pytest "${PYTEST_ARGS[@]}" $GPU_TESTS tests/test_relu_max_pool2d.py -k "Contract or gpu"
+    stage tests "${GPU_CHECK_TESTS_S:-170}" env DDFAST_GPU_TESTS_ON_CPU=1 PYTEST_THREADS=1 \
+        bash bench/pytest_parallel.sh "$OUT" "Contract or gpu" $GPU_TESTS tests/test_relu_max_pool2d.py
 else
     stage tests "${GPU_CHECK_TESTS_S:-170}" env TRITON_INTERPRET=0 \
-        "$PY" -m pytest "${PYTEST_ARGS[@]}" $GPU_TESTS "${OP_TESTS[@]}" -k "triton or cuda or gpu"
+        bash bench/pytest_parallel.sh "$OUT" "triton or cuda or gpu" $GPU_TESTS $OP_TESTS
 fi
 
 # -- 4. benchmark harness on the curated shapes; the markdown table from its CSV --------------------------
@@ -175,15 +175,21 @@ want wheel && stage wheel "${GPU_CHECK_WHEEL_S:-70}" bash -c "$WHEEL_CMD"
 # -- summary ------------------------------------------------------------------------------------------
 {
     echo
-    if [ -s "$OUT/junit.xml" ]; then
-        "$PY" - "$OUT/junit.xml" <<'EOF'
+    if compgen -G "$OUT/junit/*.xml" >/dev/null; then
+        "$PY" - "$OUT"/junit/*.xml <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
+suites = []
+for path in sys.argv[1:]:
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        print(f"  unreadable {path}: {exc}")
+        continue
+    suites += [root] if root.tag == "testsuite" else list(root)
 n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-print(f"tests: {n['tests']} run, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped (junit.xml)")
+print(f"tests: {n['tests']} run, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped (junit/*.xml)")
 for s in suites:
     for case in s.iter("testcase"):
         for bad in list(case.findall("failure")) + list(case.findall("error")):

@@ -101,7 +101,7 @@ def pytest_runtest_call(item):
     written for the interpreter) is skipped with the reason instead of failing; every other outcome
     stands. Without a GPU this hook does nothing (CPU runs stay exactly as they are)."""
     outcome = yield
-    if not CUDA or outcome.excinfo is None:
+    if not CUDA or outcome.excinfo is None or not hasattr(outcome, "force_exception"):  # pluggy >= 1.1
         return
     from ddfast.errors import BackendUnavailableError
 
