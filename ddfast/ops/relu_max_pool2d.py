@@ -263,7 +263,21 @@ class ReluMaxPool2dBackward(torch.autograd.Function):
         return ReluMaxPool2dBackward.apply(g, k, kernels, H, W, channels_last).unflatten(0, (B, -1)), 0
 
 
+class _ReluMaxPool2dTraced(ReluMaxPool2dFunction):
+    """:class:`ReluMaxPool2dFunction` as ``torch.compile`` sees it: the same forward, backward (double
+    backward included) and vmap rule, without the forward-mode rule (Dynamo traces no Function that defines
+    ``jvp``; ``torch.func.jvp`` inside a compiled region is not supported)."""
+
+    jvp = torch.autograd.Function.jvp
+
+
 # --------------------------------------------------------------------------- public API
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(backend, device, dtype):
+    """The selected backend; under torch.compile evaluated once at trace time (a constant of the graph)."""
+    return _select(backend, device, dtype)
 
 
 def _check_input(x) -> None:
@@ -277,7 +291,6 @@ def _check_input(x) -> None:
         raise ValueError(f"x: expected H, W ≥ 2 for a 2×2 pool, got shape {tuple(x.shape)}")
 
 
-@torch.compiler.disable  # pybind kernels: under torch.compile the op runs eagerly between graphs
 def relu_max_pool2d(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """ReLU then 2×2 max-pool with stride 2 (floor for odd H / W), fused.
 
@@ -294,10 +307,11 @@ def relu_max_pool2d(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         ``F.max_pool2d(F.relu(x), 2)``.
     """
     _check_input(x)
-    name = _select(backend, x.device, x.dtype)
+    name = _backend_name(backend, x.device, x.dtype)
     if name == "reference":
         return relu_max_pool2d_ref(x)
-    return ReluMaxPool2dFunction.apply(x, _KERNELS[name])[0]
+    fn = _ReluMaxPool2dTraced if torch.compiler.is_compiling() else ReluMaxPool2dFunction
+    return fn.apply(x, _KERNELS[name])[0]
 
 
 class ReluMaxPool2d(nn.Module):
