@@ -103,7 +103,7 @@ def test_killed_suite_resumes_to_the_same_table(tmp_path):
     work.mkdir()
     cfg_path = _write(str(work / "suite.toml"), TINY)
     root = str(work / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as this process
     cmd = [sys.executable, "-m", "ddfast.suite", "run", cfg_path, "--out", root, "--inline", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
