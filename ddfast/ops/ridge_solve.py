@@ -252,6 +252,63 @@ def _mm_thin(A, X):
     return (X.mT @ A.mT).mT
 
 
+try:  # torch's own apply() binds the arguments with inspect.signature on every call (~25 µs each)
+    from torch._functorch.autograd_function import custom_function_call as _custom_function_call
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - other torch versions: the stock apply
+    _custom_function_call = None
+
+
+class _Function(torch.autograd.Function):
+    """An autograd.Function whose ``apply`` takes every argument positionally and skips the per-call
+    signature binding of ``torch.autograd.Function.apply`` (same two paths: plain autograd, or
+    ``custom_function_call`` under torch.func transforms)."""
+
+    @classmethod
+    def apply(cls, *args):
+        if _custom_function_call is None:
+            return super().apply(*args)
+        if not torch._C._are_functorch_transforms_active():
+            return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+        return _custom_function_call(cls, *args)
+
+
+class _ThinMatmul(_Function):
+    """P = A @ X for a thin X (c = targets columns), every product in the fast orientation.
+
+    Autograd's own backward of A @ X forms ∂X = AᵀG as a thin-output GEMM, the slow layout (one thread,
+    float32: Zqᵀ·G with Zq 256×8192, C = 10 took 10× the time of (GᵀZq)ᵀ); here ∂X = (GᵀA)ᵀ, ∂A = GXᵀ.
+    Written in torch ops and itself: derivatives of every order; vmap generated; jvp dA·X + A·dX.
+    A and X share their batch dims (no broadcasting).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A, X):
+        return _mm_thin(A, X)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, G):
+        A, X = ctx.saved_tensors
+        dA = G @ X.mT if ctx.needs_input_grad[0] else None
+        dX = _ThinMatmul.apply(A.mT, G) if ctx.needs_input_grad[1] else None
+        return dA, dX
+
+    @staticmethod
+    def jvp(ctx, dA, dX):
+        A, X = ctx.saved_tensors
+        out = _ThinMatmul.apply(dA, X) if dA is not None else None
+        if dX is not None:
+            out = _ThinMatmul.apply(A, dX) if out is None else out + _ThinMatmul.apply(A, dX)
+        return out
+
+
 def _own(x, shape):
     """``x`` reshaped, as a tensor that is not a view (forward AD needs the output and its tangent alike)."""
     x = x.reshape(shape)
@@ -281,7 +338,7 @@ def _dA_times(Z, X, dZ, dmu, primal):
     return out
 
 
-class _CholSolve(torch.autograd.Function):
+class _CholSolve(_Function):
     """X = A⁻¹R for A = ZZᵀ+μI (dual) or ZᵀZ+μI (primal), given A's saved lower Cholesky factor L.
 
     R [B, n, k] and μ [B] in the solve dtype (L's), Z [B, N, d] in the input dtype. Differentiable to
@@ -365,7 +422,7 @@ def _ridge_weights_vjp(G, Zk, Yk, mu, L, primal, kernels, need_dz, need_dy, need
     return dZ, dY, dmu
 
 
-class RidgeWeightsFunction(torch.autograd.Function):
+class RidgeWeightsFunction(_Function):
     """W = Zᵀ(ZZᵀ+μI)⁻¹Y (dual) or (ZᵀZ+μI)⁻¹ZᵀY (primal).
 
     Z (..., N, d), Y (..., N, C), μ (B,) with B the flattened batch; ``bias`` appends the ones column
@@ -443,7 +500,7 @@ class RidgeWeightsFunction(torch.autograd.Function):
         return (W, L.unflatten(0, (V, -1)), aux.unflatten(0, (V, -1))), (0, 0, 0)
 
 
-class KrrPredictFunction(torch.autograd.Function):
+class KrrPredictFunction(_Function):
     """P = (Zq Zsᵀ) α, α = (ZsZsᵀ+μI)⁻¹Ys: the dual form with the query Gram K_qs formed explicitly.
 
     Used when K_qs is cheaper than going through W = Zsᵀα (many targets C, few queries M), or when the
@@ -665,15 +722,19 @@ def _vector_targets(Y, Z, name):
 
 # --------------------------------------------------------------------------- auto choice per shape class
 #
-# ``backend="auto"`` on CPU tensors takes the reference (LAPACK Cholesky + MKL GEMMs through autograd) where
-# it measured faster than the C++ kernel, fwd+bwd, same run, medians (tests never time anything):
-#   ...filled in from the benchmark below...
-
-
-def _auto_prefers_reference(name, backend, op, B, N, d, C, M, primal):
-    if backend != "auto" or name != "cpu" or os.environ.get("DDFAST_BACKEND"):
-        return False
-    return False
+# ``backend="auto"`` on CPU tensors takes the C++ kernel at every measured shape: the reference (LAPACK
+# Cholesky + MKL GEMMs through autograd) was never faster beyond the noise. Measured fwd+bwd (gradient wrt
+# the support features / Z and Y), one thread, process CPU time, medians of 9 with the providers interleaved,
+# float32, C = 10 (tests never time anything). Time ratio reference / cpu (> 1: cpu faster):
+#   krr_predict, B = 1, M = 256 queries:
+#     N = 10:   0.93 (d=512)  0.97 (2048)  1.01 (8192)       N = 16: 1.05  0.99  0.94    (a tie: cpu kept)
+#     N = 32:   1.12          1.26         1.28              N = 64: 1.30  1.57  2.06
+#     N = 100:  1.41          1.90         2.10 (d=4096: 2.06)  N = 256: 2.4–2.8   N = 500: 2.5–4.3
+#   ridge_weights, LD few-shot B = 64, N = 32–128, d = 64–640 (bias): 1.6–2.5;  B = 1, N = 10–500,
+#   d = 192–2048: 1.6–3.3.
+# Against the eager ``torch.linalg.solve`` formulation the fused path is 1.0–2.8× at N ≥ 32 and 0.7–0.98×
+# at N ≤ 16 (a fixed ~0.5 ms of argument checks, finiteness check and dispatch on a loaded two-core box,
+# where the GEMMs themselves are the same).
 
 
 # --------------------------------------------------------------------------- public API
@@ -710,8 +771,7 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
     N, d = Z.shape[-2], Z.shape[-1] + int(bias)
     primal = d < N
     name = _select(backend, Z, Y, primal, bias, sd, "ridge_weights")
-    if od != Z.dtype or _auto_prefers_reference(name, backend, "ridge_weights", Z.shape[:-2].numel(), N, d,
-                                                 Y.shape[-1], 0, primal):
+    if od != Z.dtype:  # a wider output: the reference computes everything in the solve dtype
         name = "reference"
     named = [("Z", Z), ("Y", Y), ("lam", lam)]
     try:
@@ -765,8 +825,7 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     M, N, d, C = Zq.shape[-2], Zs.shape[-2], Zs.shape[-1] + int(bool(bias)), Ys.shape[-1]
     primal = d < N
     name = _select(backend, Zs, Ys, primal, bool(bias), sd, "krr_predict")
-    if (od != Zs.dtype and primal) or _auto_prefers_reference(name, backend, "krr_predict", Zs.shape[:-2].numel(),
-                                                              N, d, C, M, primal):
+    if od != Zs.dtype and primal:  # the primal W is in the input dtype: a wider output goes through the reference
         name = "reference"
     named = [("Zq", Zq), ("Zs", Zs), ("Ys", Ys), ("lam", lam)]
     try:
@@ -780,9 +839,9 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
                 if bias:
                     c = bias_value(bias)
                     w_b = W[..., -1:, :] if c == 1.0 else W[..., -1:, :] * math.sqrt(c)
-                    P = _mm_thin(Zq, W[..., :-1, :]) + w_b
+                    P = _ThinMatmul.apply(Zq, W[..., :-1, :]) + w_b
                 else:
-                    P = _mm_thin(Zq, W)
+                    P = _ThinMatmul.apply(Zq, W)
             else:
                 P = KrrPredictFunction.apply(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
     except NotPSDError:
