@@ -47,7 +47,7 @@ def _param_keys(model: nn.Module) -> dict:
                     "gradients of such ties are not supported"
                 )
             owner[c] = names
-        if not kind_of(m).ghost and kind_of(m).name == "generic" and any(True for _ in m.children()):
+        if kind_of(m).name == "generic" and any(True for _ in m.children()):
             raise ValueError(
                 f"model: module {mname or type(m).__name__!r} holds parameters {[n for n, _ in local]} and has "
                 "submodules; per-example gradients are computed for parameters of leaf modules (Linear, Conv2d, "
