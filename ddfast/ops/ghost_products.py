@@ -33,7 +33,6 @@ Equivalent PyTorch: :mod:`ddfast.reference.ghost_products`.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
@@ -74,136 +73,47 @@ _FLOATS = (torch.float32, torch.float64)
 # --------------------------------------------------------------------------- backends
 
 
-class _RefKernels:
-    """Plain torch (the reference formulas); differentiable by autograd itself."""
+def _triton():
+    from ddfast.kernels import ghost_products
 
-    name = "reference"
-
-    @staticmethod
-    def bilinear(A, G, V):
-        return ghost_bilinear_ref(A, G, V)
-
-    @staticmethod
-    def norms(A, G, ghost):
-        return ghost_norms_ref(A, G)
-
-    @staticmethod
-    def inner(A1, G1, A2, G2, ghost):
-        return ghost_inner_ref(A1, G1, A2, G2)
+    return ghost_products
 
 
-class _CpuKernels:
-    name = "cpu"
-
-    @staticmethod
-    def not_supported_reasons(device, dtype):
-        ext, why = _backends._load_extension()
-        reasons = [why] if ext is None else []
-        if ext is not None and not hasattr(ext, "ghost_norms_fwd"):
-            reasons.append("ddfast._C predates ghost_products; rebuild it")
-        if device.type != "cpu":
-            reasons.append(f"inputs are on {device}, the C++ CPU kernel takes CPU tensors")
-        if dtype not in _FLOATS:
-            reasons.append(f"dtype {dtype} not supported (float32/float64 only)")
-        return reasons
-
-    @staticmethod
-    def bilinear(A, G, V):
-        return _backends.extension().ghost_bilinear_fwd(A, G, V)
-
-    @staticmethod
-    def norms(A, G, ghost):
-        return _backends.extension().ghost_norms_fwd(A, G, ghost)
-
-    @staticmethod
-    def inner(A1, G1, A2, G2, ghost):
-        return _backends.extension().ghost_inner_fwd(A1, G1, A2, G2, ghost)
+_COMPILED = dict(
+    bilinear=lambda A, G, V: torch.ops.ddfast.ghost_bilinear_fwd(A, G, V),
+    norms=lambda A, G, ghost: torch.ops.ddfast.ghost_norms_fwd(A, G, ghost),
+    inner=lambda A1, G1, A2, G2, ghost: torch.ops.ddfast.ghost_inner_fwd(A1, G1, A2, G2, ghost),
+)
 
 
-class _TritonKernels:
-    name = "triton"
-
-    @staticmethod
-    def _module():
-        from ddfast.kernels import ghost_products as mod
-
-        return mod
-
-    @classmethod
-    def not_supported_reasons(cls, device, dtype):
-        ok, why = _backends._triton_status()
-        if not ok:
-            return [why]
-        try:
-            mod = cls._module()
-        except ImportError as exc:  # pragma: no cover - partial installs
-            return [f"ddfast.kernels.ghost_products not importable: {exc}"]
-        return list(mod.not_supported_reasons(torch.empty((1, 1, 1), dtype=dtype, device=device)))
-
-    @classmethod
-    def bilinear(cls, A, G, V):
-        return cls._module().ghost_bilinear_fwd(A, G, V)
-
-    @classmethod
-    def norms(cls, A, G, ghost):
-        return cls._module().ghost_norms_fwd(A, G, ghost)
-
-    @classmethod
-    def inner(cls, A1, G1, A2, G2, ghost):
-        return cls._module().ghost_inner_fwd(A1, G1, A2, G2, ghost)
+def _describe(A, *args, **_):
+    return {"device": A.device, "dtype": A.dtype}
 
 
-class _CudaKernels:
-    name = "cuda"
-
-    @staticmethod
-    def not_supported_reasons(device, dtype):
-        ext, why = _backends._load_extension()
-        if ext is None:
-            return [why]
-        reasons = []
-        if not getattr(ext, "with_cuda", False):
-            reasons.append("ddfast._C was built without CUDA (DDFAST_CUDA=1)")
-        elif not hasattr(ext, "ghost_norms_fwd_cuda"):
-            reasons.append("ddfast._C predates ghost_products; rebuild it")
-        if device.type != "cuda":
-            reasons.append("inputs are not CUDA tensors")
-        if dtype not in _FLOATS:
-            reasons.append(f"dtype {dtype} not supported (float32/float64 only)")
-        return reasons
-
-    @staticmethod
-    def _stream(t):
-        return torch.cuda.current_stream(t.device).cuda_stream
-
-    @classmethod
-    def bilinear(cls, A, G, V):
-        return _backends.extension().ghost_bilinear_fwd_cuda(A, G, V, cls._stream(A))
-
-    @classmethod
-    def norms(cls, A, G, ghost):
-        return _backends.extension().ghost_norms_fwd_cuda(A, G, ghost, cls._stream(A))
-
-    @classmethod
-    def inner(cls, A1, G1, A2, G2, ghost):
-        return _backends.extension().ghost_inner_fwd_cuda(A1, G1, A2, G2, ghost, cls._stream(A1))
-
-
-_KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels, "reference": _RefKernels}
-_SELECT_CACHE: dict = {}
+GHOST_PRODUCTS = _backends.register_op(
+    "ghost_products",
+    [
+        _backends.Impl("cuda", _backends.Kernels("cuda", **_COMPILED), dtypes=_FLOATS),
+        _backends.Impl("triton", _backends.Kernels(
+            "triton",
+            bilinear=lambda A, G, V: _triton().ghost_bilinear_fwd(A, G, V),
+            norms=lambda A, G, ghost: _triton().ghost_norms_fwd(A, G, ghost),
+            inner=lambda A1, G1, A2, G2, ghost: _triton().ghost_inner_fwd(A1, G1, A2, G2, ghost)), dtypes=_FLOATS),
+        _backends.Impl("cpu", _backends.Kernels("cpu", **_COMPILED), dtypes=_FLOATS),
+        # Plain torch (the reference formulas), differentiable by autograd itself.
+        _backends.Impl("reference", _backends.Kernels(
+            "reference",
+            bilinear=lambda A, G, V: ghost_bilinear_ref(A, G, V),
+            norms=lambda A, G, ghost: ghost_norms_ref(A, G),
+            inner=lambda A1, G1, A2, G2, ghost: ghost_inner_ref(A1, G1, A2, G2))),
+    ],
+    describe={"ghost_bilinear": _describe, "ghost_norms": _describe, "ghost_inner": _describe},
+)
+_KERNELS = {name: impl.kernels for name, impl in GHOST_PRODUCTS.impls.items()}
 
 
 def _select(backend, device, dtype, op):
-    key = (backend, os.environ.get("DDFAST_BACKEND"), device, dtype)
-    name = _SELECT_CACHE.get(key)
-    if name is None:
-        candidates = {
-            n: (lambda k=k: k.not_supported_reasons(device, dtype)) for n, k in _KERNELS.items() if n != "reference"
-        }
-        candidates["reference"] = lambda: []
-        name = _backends.select(backend, candidates, op, on_gpu=device.type == "cuda")
-        _SELECT_CACHE[key] = name
-    return name
+    return _backends.select_for(GHOST_PRODUCTS, backend, {"device": device, "dtype": dtype})
 
 
 # --------------------------------------------------------------------------- algorithm choice

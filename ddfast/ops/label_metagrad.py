@@ -24,7 +24,6 @@ Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref`` (``cr
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -71,99 +70,45 @@ class _TorchResiduals:
         return head_residual_ref(H, GW, gb, Vb, Z, scale)
 
 
-class _CpuKernels:
-    name = "cpu"
+def _triton():
+    from ddfast.kernels import label_metagrad
 
-    @staticmethod
-    def not_supported_reasons(device, dtype, C):
-        ext, why = _backends._load_extension()
-        reasons = [why] if ext is None else []
-        if ext is not None and not hasattr(ext, "label_metagrad_fwd"):
-            reasons.append("ddfast._C predates label_metagrad; rebuild it")
-        if device.type != "cpu":
-            reasons.append(f"inputs are on {device}, the C++ CPU kernel takes CPU tensors")
-        return reasons
-
-    @staticmethod
-    def fwd(Z, Y, scale):
-        return _backends.extension().label_metagrad_fwd(Z, Y, scale)
-
-    @staticmethod
-    def bwd(H, GW, gb, Vb, Z, scale):
-        return _backends.extension().label_metagrad_bwd(H, GW, gb, Vb, Z, scale)
+    return label_metagrad
 
 
-class _TritonKernels:
-    name = "triton"
+def _triton_classes(inputs):
+    from ddfast.kernels.label_metagrad import MAX_CLASSES
 
-    @staticmethod
-    def _module():
-        from ddfast.kernels import label_metagrad as mod
-
-        return mod
-
-    @classmethod
-    def not_supported_reasons(cls, device, dtype, C):
-        ok, why = _backends._triton_status()
-        if not ok:
-            return [why]
-        try:
-            mod = cls._module()
-        except ImportError as exc:  # pragma: no cover - partial installs
-            return [f"ddfast.kernels.label_metagrad not importable: {exc}"]
-        Z = torch.empty((1, C), dtype=dtype, device=device)
-        return list(mod.not_supported_reasons_fwd(Z, Z)) + list(
-            mod.not_supported_reasons_bwd(Z.new_empty((1, 1)), Z.new_empty((C, 1)), Z)
-        )
-
-    @classmethod
-    def fwd(cls, Z, Y, scale):
-        return cls._module().label_metagrad_fwd(Z, Y, scale)
-
-    @classmethod
-    def bwd(cls, H, GW, gb, Vb, Z, scale):
-        return cls._module().label_metagrad_bwd(H, GW, gb, Vb, Z, scale)
+    C = inputs["C"]
+    if 1 << max(C - 1, 0).bit_length() > MAX_CLASSES:
+        return f"C = {C} classes > {MAX_CLASSES} (a row is held in registers)"
 
 
-class _CudaKernels:
-    name = "cuda"
-
-    @staticmethod
-    def not_supported_reasons(device, dtype, C):
-        ext, why = _backends._load_extension()
-        if ext is None:
-            return [why]
-        reasons = []
-        if not getattr(ext, "with_cuda", False):
-            reasons.append("ddfast._C was built without CUDA (DDFAST_CUDA=1)")
-        if device.type != "cuda":
-            reasons.append("inputs are not CUDA tensors")
-        return reasons
-
-    @staticmethod
-    def fwd(Z, Y, scale):
-        stream = torch.cuda.current_stream(Z.device).cuda_stream
-        return _backends.extension().label_metagrad_fwd_cuda(Z, Y, scale, stream)
-
-    @staticmethod
-    def bwd(H, GW, gb, Vb, Z, scale):
-        stream = torch.cuda.current_stream(Z.device).cuda_stream
-        return _backends.extension().label_metagrad_bwd_cuda(H, GW, gb, Vb, Z, scale, stream)
+_COMPILED = dict(fwd=lambda Z, Y, scale: torch.ops.ddfast.label_metagrad_fwd(Z, Y, scale),
+                 bwd=lambda H, GW, gb, Vb, Z, scale: torch.ops.ddfast.label_metagrad_bwd(H, GW, gb, Vb, Z, scale))
 
 
-_KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
-_SELECT_CACHE: dict = {}
+def _describe(model=None, x_base=None, y_soft=None, *args, **_):
+    return {"device": y_soft.device, "dtype": y_soft.dtype, "C": y_soft.shape[-1]}
+
+
+LABEL_METAGRAD = _backends.register_op(
+    "label_metagrad",
+    [
+        _backends.Impl("cuda", _backends.Kernels("cuda", **_COMPILED), dtypes=_FLOATS),
+        _backends.Impl("triton", _backends.Kernels(
+            "triton", fwd=lambda Z, Y, scale: _triton().label_metagrad_fwd(Z, Y, scale),
+            bwd=lambda H, GW, gb, Vb, Z, scale: _triton().label_metagrad_bwd(H, GW, gb, Vb, Z, scale)),
+            dtypes=_FLOATS, limits=(_triton_classes,)),
+        _backends.Impl("cpu", _backends.Kernels("cpu", **_COMPILED), dtypes=_FLOATS),
+    ],
+    describe={"label_metagrad": _describe, "label_meta_loss": _describe},
+)
+_KERNELS = {name: impl.kernels for name, impl in LABEL_METAGRAD.impls.items() if impl.kernels is not None}
 
 
 def _select(backend, device, dtype, C, op):
-    key = (backend, os.environ.get("DDFAST_BACKEND"), device, dtype, C)
-    name = _SELECT_CACHE.get(key)
-    if name is None:
-        candidates = {n: (lambda k=k: k.not_supported_reasons(device, dtype, C)) for n, k in _KERNELS.items()}
-        candidates["reference"] = lambda: []
-        name = _backends.select(backend, candidates, op, on_gpu=device.type == "cuda")
-        _SELECT_CACHE[key] = name
-    return name
+    return _backends.select_for(LABEL_METAGRAD, backend, {"device": device, "dtype": dtype, "C": C})
 
 
 # --------------------------------------------------------------------------- model split

@@ -22,7 +22,6 @@ Equivalent PyTorch: :func:`ddfast.reference.relu_max_pool2d.relu_max_pool2d_ref`
 
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -53,118 +52,40 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- backends
 
 
-class _CpuKernels:
-    name = "cpu"
+def _triton():
+    from ddfast.kernels import relu_max_pool2d
 
-    @staticmethod
-    def not_supported_reasons(device, dtype):
-        ext, why = _backends._load_extension()
-        reasons = [why] if ext is None else []
-        if ext is not None and not hasattr(ext, "relu_max_pool2d_fwd"):
-            reasons.append(f"ddfast._C predates relu_max_pool2d; {_backends.BUILD_HINT}")
-        if device.type != "cpu":
-            reasons.append(f"inputs are on {device}, the C++ CPU kernel takes CPU tensors")
-        if dtype not in _KERNEL_DTYPES:
-            reasons.append(f"dtype {dtype} not supported (float32/float64/bfloat16 only)")
-        return reasons
-
-    @staticmethod
-    def fwd(x):
-        return _backends.extension().relu_max_pool2d_fwd(x)
-
-    @staticmethod
-    def bwd(grad_out, code, H, W, channels_last):
-        return _backends.extension().relu_max_pool2d_bwd(grad_out, code, H, W, channels_last)
+    return relu_max_pool2d
 
 
-class _TritonKernels:
-    name = "triton"
-
-    @staticmethod
-    def _module():
-        from ddfast.kernels import relu_max_pool2d as mod
-
-        return mod
-
-    @classmethod
-    def not_supported_reasons(cls, device, dtype):
-        ok, why = _backends._triton_status()
-        if not ok:
-            return [why]
-        try:
-            mod = cls._module()
-        except ImportError as exc:  # pragma: no cover - partial installs
-            return [f"ddfast.kernels.relu_max_pool2d not importable: {exc}"]
-        return list(mod.not_supported_reasons(torch.empty((1, 1, 2, 2), dtype=dtype, device=device)))
-
-    @classmethod
-    def fwd(cls, x):
-        return cls._module().relu_max_pool2d_fwd(x)
-
-    @classmethod
-    def bwd(cls, grad_out, code, H, W, channels_last):
-        return cls._module().relu_max_pool2d_bwd(grad_out, code, H, W, channels_last)
-
-
-class _CudaKernels:
-    name = "cuda"
-
-    @staticmethod
-    def not_supported_reasons(device, dtype):
-        ext, why = _backends._load_extension()
-        if ext is None:
-            return [why]
-        reasons = []
-        if not getattr(ext, "with_cuda", False):
-            reasons.append("ddfast._C was built without CUDA (DDFAST_CUDA=1)")
-        elif not hasattr(ext, "relu_max_pool2d_fwd_cuda"):
-            reasons.append(f"ddfast._C predates relu_max_pool2d; {_backends.BUILD_HINT}")
-        if device.type != "cuda":
-            reasons.append("inputs are not CUDA tensors")
-        if dtype not in _KERNEL_DTYPES:
-            reasons.append(f"dtype {dtype} not supported (float32/float64/bfloat16 only)")
-        return reasons
-
-    @staticmethod
-    def _stream(t):
-        return torch.cuda.current_stream(t.device).cuda_stream
-
-    @classmethod
-    def fwd(cls, x):
-        return _backends.extension().relu_max_pool2d_fwd_cuda(x, cls._stream(x))
-
-    @classmethod
-    def bwd(cls, grad_out, code, H, W, channels_last):
-        return _backends.extension().relu_max_pool2d_bwd_cuda(grad_out, code, H, W, channels_last,
-                                                              cls._stream(grad_out))
-
-
-_KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
-_SELECT_CACHE: dict = {}
-
-
-def _candidates(device, dtype):
-    candidates = {n: (lambda k=k: k.not_supported_reasons(device, dtype)) for n, k in _KERNELS.items()}
-    candidates["reference"] = lambda: []
-    return candidates
+_COMPILED = dict(fwd=lambda x: torch.ops.ddfast.relu_max_pool2d_fwd(x),
+                 bwd=lambda grad_out, code, H, W, channels_last: torch.ops.ddfast.relu_max_pool2d_bwd(
+                     grad_out, code, H, W, channels_last))
+RELU_MAX_POOL2D = _backends.register_op(
+    "relu_max_pool2d",
+    [
+        _backends.Impl("cuda", _backends.Kernels("cuda", **_COMPILED), dtypes=_KERNEL_DTYPES),
+        _backends.Impl("triton", _backends.Kernels(
+            "triton", fwd=lambda x: _triton().relu_max_pool2d_fwd(x),
+            bwd=lambda grad_out, code, H, W, channels_last: _triton().relu_max_pool2d_bwd(
+                grad_out, code, H, W, channels_last)), dtypes=_KERNEL_DTYPES),
+        _backends.Impl("cpu", _backends.Kernels("cpu", **_COMPILED), dtypes=_KERNEL_DTYPES),
+    ],
+    describe={"relu_max_pool2d": lambda x, **_: {"device": x.device, "dtype": x.dtype}},
+)
+_KERNELS = {name: impl.kernels for name, impl in RELU_MAX_POOL2D.impls.items() if impl.kernels is not None}
 
 
 def _select(backend, device, dtype):
-    key = (backend, os.environ.get("DDFAST_BACKEND"), device, dtype)
-    name = _SELECT_CACHE.get(key)
-    if name is None:
-        name = _backends.select(backend, _candidates(device, dtype), "relu_max_pool2d", on_gpu=device.type == "cuda")
-        _SELECT_CACHE[key] = name
-    return name
+    return _backends.select_for(RELU_MAX_POOL2D, backend, {"device": device, "dtype": dtype})
 
 
 def relu_max_pool2d_backends(device="cpu", dtype=torch.float32) -> dict:
     """``{backend: reasons it cannot run}`` for inputs on ``device`` of ``dtype`` ([] = it can), and
     ``"auto"``: the backend ``backend="auto"`` picks (shown by ``python -m ddfast.info``)."""
-    device = torch.device(device)
-    report = {n: list(f()) for n, f in _candidates(device, dtype).items()}
-    report["auto"] = _backends.select("auto", _candidates(device, dtype), "relu_max_pool2d",
-                                      on_gpu=device.type == "cuda")
+    inputs = {"device": torch.device(device), "dtype": dtype}
+    report = {n: _backends.not_supported_reasons(RELU_MAX_POOL2D, n, inputs) for n in _backends.BACKENDS}
+    report["auto"] = _backends.select_for(RELU_MAX_POOL2D, "auto", inputs)
     return report
 
 

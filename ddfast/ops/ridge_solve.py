@@ -52,129 +52,108 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _with_status(W, L, aux, info):
-    """Kernel outputs plus the status the C++ kernel reports itself (1: a factor failed, 2: non-finite W)."""
+    """Kernel outputs plus a status (1: a factor failed, 2: non-finite W), for kernels that report none."""
     if bool(info.any()):
         return W, L, aux, info, 1
     return W, L, aux, info, 0 if bool(torch.isfinite(W).all()) else 2
 
 
-class _CpuKernels:
-    name = "cpu"
-
-    @staticmethod
-    def not_supported_reasons(Z, Y, primal, solve_dtype):
-        ext, why = _backends._load_extension()
-        reasons = [why] if ext is None else []
-        if Z.device.type != "cpu":
-            reasons.append(f"inputs are on {Z.device}, the C++ CPU kernel takes CPU tensors")
-        return reasons
-
-    @staticmethod
-    def fwd(Z, Y, mu, primal, compute_w=True):
-        # The C++ kernel reports a status with the outputs: no extra reduction or sync.
-        return _backends.extension().ridge_solve_fwd(Z, Y, mu, primal, compute_w)
-
-    @staticmethod
-    def bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu):
-        return _backends.extension().ridge_solve_bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu)
-
-    @staticmethod
-    def cholesky_solve(R, L):
-        return _backends.extension().cholesky_solve(R, L)
+def _compiled_fwd(Z, Y, mu, primal, compute_w=True):
+    # The C++ operator reports its status (0-d int tensor) with the outputs: no extra reduction.
+    W, L, aux, info, status = torch.ops.ddfast.ridge_solve_fwd(Z, Y, mu, primal, compute_w)
+    return W, L, aux, info, int(status)
 
 
-class _TritonKernels:
-    name = "triton"
+def _triton():
+    from ddfast.kernels import ridge_solve
 
-    @staticmethod
-    def _module():
-        from ddfast.kernels import ridge_solve as mod
-
-        return mod
-
-    @classmethod
-    def not_supported_reasons(cls, Z, Y, primal, solve_dtype):
-        ok, why = _backends._triton_status()
-        if not ok:
-            return [why]
-        reasons = list(cls._module().not_supported_reasons(Z, Y, primal))
-        if solve_dtype != Z.dtype:
-            reasons.append(f"solve_dtype={solve_dtype} differs from the input dtype {Z.dtype} (mixed precision is cpu only)")
-        return reasons
-
-    @classmethod
-    def fwd(cls, Z, Y, mu, primal, compute_w=True):
-        return _with_status(*cls._module().ridge_solve_fwd(Z, Y, mu, primal))
-
-    @classmethod
-    def bwd(cls, G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu):
-        return cls._module().ridge_solve_bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu)
-
-    @staticmethod
-    def cholesky_solve(R, L):
-        return torch.cholesky_solve(R.to(L.dtype), L)
+    return ridge_solve
 
 
-class _CudaKernels:
-    name = "cuda"
-
-    @staticmethod
-    def not_supported_reasons(Z, Y, primal, solve_dtype):
-        ext, why = _backends._load_extension()
-        if ext is None:
-            return [why]
-        reasons = []
-        if not getattr(ext, "with_cuda", False):
-            reasons.append("ddfast._C was built without CUDA (DDFAST_CUDA=1)")
-        if Z.device.type != "cuda":
-            reasons.append("inputs are not CUDA tensors")
-        if reasons:
-            return reasons
-        n = Z.shape[-1] if primal else Z.shape[-2]
-        if n > ext.ridge_solve_cuda_max_n():
-            reasons.append(f"factor size {n} > {ext.ridge_solve_cuda_max_n()} (one block per problem)")
-        if solve_dtype != Z.dtype:
-            reasons.append("solve_dtype differs from the input dtype (mixed precision is cpu only)")
-        return reasons
-
-    @staticmethod
-    def fwd(Z, Y, mu, primal, compute_w=True):
-        stream = torch.cuda.current_stream(Z.device).cuda_stream
-        return _with_status(*_backends.extension().ridge_solve_fwd_cuda(Z, Y, mu, primal, stream))
-
-    @staticmethod
-    def bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu):
-        stream = torch.cuda.current_stream(Z.device).cuda_stream
-        return _backends.extension().ridge_solve_bwd_cuda(
-            G.contiguous(), Z, Y, L, aux, primal, need_dz, need_dy, need_dmu, stream
-        )
-
-    @staticmethod
-    def cholesky_solve(R, L):
-        return torch.cholesky_solve(R.to(L.dtype), L)
+def _triton_bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu):
+    grads = _triton().ridge_solve_bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu)
+    return tuple(g if need else None for g, need in zip(grads, (need_dz, need_dy, need_dmu)))
 
 
-_KERNELS = {"cpu": _CpuKernels, "triton": _TritonKernels, "cuda": _CudaKernels}
+def _torch_cholesky_solve(R, L):
+    return torch.cholesky_solve(R.to(L.dtype), L)
 
 
-_SELECT_CACHE: dict = {}
+def _factor_size(inputs):
+    return inputs["d"] if inputs["primal"] else inputs["N"]
+
+
+def _same_solve_dtype(inputs):
+    if inputs["solve_dtype"] != inputs["dtype"]:
+        return f"solve_dtype={inputs['solve_dtype']} differs from the input dtype {inputs['dtype']} (mixed precision is cpu only)"
+
+
+def _triton_sizes(inputs):
+    from ddfast.kernels.ridge_solve import MAX_FACTOR_DIM, MAX_TARGET_DIM
+
+    n, C, what = _factor_size(inputs), inputs["C"], "d (primal" if inputs["primal"] else "N (dual"
+    if n > MAX_FACTOR_DIM:
+        return f"{what} factor size) = {n} > {MAX_FACTOR_DIM}"
+    if C > MAX_TARGET_DIM:
+        return f"C = {C} > {MAX_TARGET_DIM}"
+
+
+#: The CUDA kernel runs one block per problem with the factor in shared memory: n ≤ this, and
+#: cuda_shared_memory_bytes(n) within the device's opt-in maximum (232,448 B on H100/H200, 166,912 B on A100).
+CUDA_MAX_FACTOR = 128
+
+
+def cuda_shared_memory_bytes(n, itemsize):
+    """Bytes of shared memory one block of the CUDA ridge kernels needs for a factor of order n
+    (csrc/cuda/ridge_solve.h ``ridge_solve_smem_bytes``: n·(n|1) + 2·n·33 + 2·32·33 + 8 values; the
+    right-hand sides go through in 32-column tiles, so it does not grow with C)."""
+    tile = 32 + 1
+    return (n * (n | 1) + 2 * n * tile + 2 * 32 * tile + 256 // 32) * itemsize
+
+
+def _cuda_shared_memory(inputs):
+    n = _factor_size(inputs)
+    if n > CUDA_MAX_FACTOR:
+        return f"factor size {n} > {CUDA_MAX_FACTOR} (one block per problem)"
+    need = cuda_shared_memory_bytes(n, inputs["dtype"].itemsize)
+    have = _backends.shared_memory_optin(inputs["device"])
+    if need > have:
+        return f"needs {need:,} B of shared memory per block (factor n={n}, {inputs['dtype']}) > the device's {have:,} B"
+
+
+_COMPILED = dict(fwd=_compiled_fwd, bwd=lambda *a: torch.ops.ddfast.ridge_solve_bwd(*a))
+RIDGE_SOLVE = _backends.register_op(
+    "ridge_solve",
+    [
+        _backends.Impl("cuda", _backends.Kernels("cuda", **_COMPILED, cholesky_solve=_torch_cholesky_solve),
+                       dtypes=_FLOATS, limits=(_same_solve_dtype, _cuda_shared_memory)),
+        _backends.Impl("triton", _backends.Kernels(
+            "triton", fwd=lambda Z, Y, mu, primal, compute_w=True: _with_status(
+                *_triton().ridge_solve_fwd(Z, Y, mu, primal)),
+            bwd=_triton_bwd, cholesky_solve=_torch_cholesky_solve),
+            dtypes=_FLOATS, limits=(_same_solve_dtype, _triton_sizes)),
+        _backends.Impl("cpu", _backends.Kernels(
+            "cpu", **_COMPILED, cholesky_solve=lambda R, L: torch.ops.ddfast.cholesky_solve(R, L)), dtypes=_FLOATS),
+    ],
+    describe={
+        "ridge_weights": lambda Z, Y, lam=None, *, bias=False, solve_dtype=None, **_: _describe(Z, Y, bias, solve_dtype),
+        "krr_predict": lambda Zq, Zs, Ys, lam=None, *, bias=False, solve_dtype=None, **_: _describe(
+            Zs, Ys, bias, solve_dtype),
+    },
+)
+_KERNELS = {name: impl.kernels for name, impl in RIDGE_SOLVE.impls.items() if impl.kernels is not None}
+
+
+def _describe(Z, Y, bias, solve_dtype):
+    """What the backends' limits read, for features Z (..., N, d) and targets Y (..., N, C)."""
+    N, d = Z.shape[-2], Z.shape[-1] + int(bool(bias))
+    return {"device": Z.device, "dtype": Z.dtype, "solve_dtype": solve_dtype or Z.dtype, "N": N, "d": d,
+            "C": Y.shape[-1], "primal": d < N}
 
 
 def _select(backend, Z, Y, primal, bias, solve_dtype, op):
-    """Backend for features Z (..., N, d) and targets Y (..., N, C); memoized on what the reasons depend on."""
-    key = (backend, os.environ.get("DDFAST_BACKEND"), Z.device, Z.dtype, solve_dtype, primal, bias, Z.shape[-2:], Y.shape[-1])
-    name = _SELECT_CACHE.get(key)
-    if name is None:
-        # The kernels' reasons look at [B, N, d(+1)] / [B, N, C] kernel inputs: pass shape-alike views.
-        Zk = Z.new_empty(()).expand(1, Z.shape[-2], Z.shape[-1] + int(bias))
-        Yk = Y.new_empty(()).expand(1, Y.shape[-2], Y.shape[-1])
-        candidates = {n: (lambda k=k: k.not_supported_reasons(Zk, Yk, primal, solve_dtype)) for n, k in _KERNELS.items()}
-        candidates["reference"] = lambda: []
-        name = _backends.select(backend, candidates, op, on_gpu=Z.device.type == "cuda")
-        if len(_SELECT_CACHE) > 4096:
-            _SELECT_CACHE.clear()
-        _SELECT_CACHE[key] = name
-    return name
+    """Backend for features Z (..., N, d) and targets Y (..., N, C) (see ddfast.dispatch)."""
+    return _backends.select_for(RIDGE_SOLVE, backend, _describe(Z, Y, bias, solve_dtype))
 
 
 # --------------------------------------------------------------------------- jitter policy

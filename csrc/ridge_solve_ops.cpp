@@ -1,0 +1,332 @@
+// ddfast::ridge_solve_fwd / ridge_solve_bwd / cholesky_solve: schema, CPU, CUDA and Meta
+// implementations. Kernels: csrc/cpu/ridge_solve.cpp, csrc/cuda/ridge_solve.cu.
+//
+//   ridge_solve_fwd(Z[B,N,d], Y[B,N,C], mu[B], primal, compute_w) -> W, L[B,n,n], aux[B,n,C], info[B], status[]
+//       dual (n = N):  A = ZZᵀ+μI, L = chol(A), aux = α = A⁻¹Y, W = Zᵀα   ([B,d,C]; [0] when !compute_w)
+//       primal (n = d): H = ZᵀZ+μI, L = chol(H), aux = W = H⁻¹ZᵀY          (W always [B,d,C])
+//       L and aux in mu's dtype (the solve dtype, at least Z's); status (int32, 0-d): 0 ok, 1 a factor
+//       failed (info[b] > 0), 2 non-finite W.
+//   ridge_solve_bwd(G[B,d,C], Z, Y, L, aux, primal, need_dz, need_dy, need_dmu) -> dZ, dY, dmu
+//       (undefined where not needed)
+//   cholesky_solve(R[B,n,C], L[B,n,n]) -> (LLᵀ)⁻¹R in L's dtype
+//
+// The CUDA forward / backward run one block per problem with the factor in shared memory; when the
+// problem does not fit (n > ridge_solve_max_n(), shared memory above the device's opt-in limit, or
+// a solve dtype wider than the inputs) they run the same math as ATen calls (cuBLAS Gram and
+// products, linalg_cholesky_ex, cholesky_solve): ridge_solve_fwd_composite / _bwd_composite below.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/ridge_solve.h"
+#include "ops_common.h"
+#include "ridge_solve_ops.h"
+
+#ifdef DDFAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "cuda/ridge_solve.h"
+#endif
+
+namespace ddfast {
+namespace ops {
+namespace {
+
+constexpr const char* kFwd = "ridge_solve_fwd";
+constexpr const char* kBwd = "ridge_solve_bwd";
+
+int64_t factor_size(const at::Tensor& Z, bool primal) { return primal ? Z.size(2) : Z.size(1); }
+
+}  // namespace
+
+void check_ridge_fwd(const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu) {
+  check_rank(Z, 3, kFwd, "Z", "[B, N, d]");
+  const int64_t B = Z.size(0), N = Z.size(1);
+  check_rank(Y, 3, kFwd, "Y", "[B, N, C]");
+  check_sizes(Y, {B, N, -1}, kFwd, "Y", "[B, N, C]");
+  check_rank(mu, 1, kFwd, "mu", "[B]");
+  check_sizes(mu, {B}, kFwd, "mu", "[B]");
+  check_float(Z, kFwd, "Z");
+  check_same_dtype(Y, "Y", Z, "Z", kFwd);
+  check_float(mu, kFwd, "mu");
+  TORCH_CHECK(at::promote_types(Z.scalar_type(), mu.scalar_type()) == mu.scalar_type(), kFwd,
+              ": mu: the solve dtype must be at least as wide as Z's dtype ", Z.scalar_type(), ", got ",
+              mu.scalar_type());
+  check_same_device(Y, "Y", Z, "Z", kFwd);
+  check_same_device(mu, "mu", Z, "Z", kFwd);
+  TORCH_CHECK(Z.size(1) > 0 && Z.size(2) > 0, kFwd, ": Z: expected N, d ≥ 1, got ", Z.sizes());
+}
+
+void check_ridge_bwd(const at::Tensor& G, const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& L,
+                     const at::Tensor& aux, bool primal) {
+  check_rank(Z, 3, kBwd, "Z", "[B, N, d]");
+  const int64_t B = Z.size(0), N = Z.size(1), d = Z.size(2);
+  check_rank(Y, 3, kBwd, "Y", "[B, N, C]");
+  check_sizes(Y, {B, N, -1}, kBwd, "Y", "[B, N, C]");
+  const int64_t C = Y.size(2), n = primal ? d : N;
+  check_rank(G, 3, kBwd, "G", "[B, d, C]");
+  check_sizes(G, {B, d, C}, kBwd, "G", "[B, d, C]");
+  check_rank(L, 3, kBwd, "L", "[B, n, n]");
+  check_sizes(L, {B, n, n}, kBwd, "L", "[B, n, n] (n = d primal, N dual)");
+  check_rank(aux, 3, kBwd, "aux", "[B, n, C]");
+  check_sizes(aux, {B, n, C}, kBwd, "aux", "[B, n, C] (n = d primal, N dual)");
+  check_float(Z, kBwd, "Z");
+  check_same_dtype(Y, "Y", Z, "Z", kBwd);
+  check_float(G, kBwd, "G");
+  check_float(L, kBwd, "L");
+  check_same_dtype(aux, "aux", L, "L", kBwd);
+  TORCH_CHECK(at::promote_types(Z.scalar_type(), L.scalar_type()) == L.scalar_type(), kBwd,
+              ": L: the solve dtype must be at least as wide as Z's dtype ", Z.scalar_type(), ", got ",
+              L.scalar_type());
+  for (auto [t, name] : {std::pair{&G, "G"}, {&Y, "Y"}, {&L, "L"}, {&aux, "aux"}})
+    check_same_device(*t, name, Z, "Z", kBwd);
+}
+
+void check_cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
+  constexpr const char* op = "cholesky_solve";
+  check_rank(L, 3, op, "L", "[B, n, n]");
+  check_sizes(L, {-1, L.size(1), L.size(1)}, op, "L", "[B, n, n]");
+  check_rank(R, 3, op, "R", "[B, n, C]");
+  check_sizes(R, {L.size(0), L.size(1), -1}, op, "R", "[B, n, C]");
+  check_float(L, op, "L");
+  check_float(R, op, "R");
+  check_same_device(R, "R", L, "L", op);
+}
+
+namespace {
+
+// Forward outputs allocated like the kernels do (also the Meta implementation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_fwd_outputs(
+    const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w) {
+  const int64_t B = Z.size(0), d = Z.size(2), C = Y.size(2), n = factor_size(Z, primal);
+  const auto acc = Z.options().dtype(mu.scalar_type());
+  at::Tensor W = (primal || compute_w) ? at::empty({B, d, C}, Z.options()) : at::empty({0}, Z.options());
+  return {W, at::empty({B, n, n}, acc), at::empty({B, n, C}, acc), at::empty({B}, Z.options().dtype(at::kInt)),
+          at::empty({}, Z.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd_meta(
+    const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w) {
+  check_ridge_fwd(Z, Y, mu);
+  return ridge_fwd_outputs(Z, Y, mu, primal, compute_w);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_meta(const at::Tensor& G, const at::Tensor& Z,
+                                                                    const at::Tensor& Y, const at::Tensor& L,
+                                                                    const at::Tensor& aux, bool primal, bool need_dz,
+                                                                    bool need_dy, bool need_dmu) {
+  check_ridge_bwd(G, Z, Y, L, aux, primal);
+  return {need_dz ? at::empty_like(Z, at::MemoryFormat::Contiguous) : at::Tensor(),
+          need_dy ? at::empty_like(Y, at::MemoryFormat::Contiguous) : at::Tensor(),
+          need_dmu ? at::empty({Z.size(0)}, L.options()) : at::Tensor()};
+}
+
+at::Tensor cholesky_solve_meta(const at::Tensor& R, const at::Tensor& L) {
+  check_cholesky_solve(R, L);
+  // Column-major per batch member, as the kernel and at::cholesky_solve return it.
+  return at::empty({R.size(0), R.size(2), R.size(1)}, L.options()).transpose(1, 2);
+}
+
+// ---------------------------------------------------------------- CPU
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd_cpu(
+    const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w) {
+  check_ridge_fwd(Z, Y, mu);
+  TORCH_CHECK(Z.device().is_cpu(), kFwd, ": expected CPU tensors, got ", Z.device());
+  auto [W, L, aux, info, status] = ddfast::cpu::ridge_solve_fwd(Z, Y, mu, primal, compute_w);
+  if (!primal && !compute_w && W.numel() != 0) W = at::empty({0}, Z.options());
+  return {W, L, aux, info, at::scalar_tensor(status, Z.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_cpu(const at::Tensor& G, const at::Tensor& Z,
+                                                                   const at::Tensor& Y, const at::Tensor& L,
+                                                                   const at::Tensor& aux, bool primal, bool need_dz,
+                                                                   bool need_dy, bool need_dmu) {
+  check_ridge_bwd(G, Z, Y, L, aux, primal);
+  TORCH_CHECK(Z.device().is_cpu(), kBwd, ": expected CPU tensors, got ", Z.device());
+  return ddfast::cpu::ridge_solve_bwd(G, Z, Y, L, aux, primal, need_dz, need_dy, need_dmu);
+}
+
+at::Tensor cholesky_solve_cpu(const at::Tensor& R, const at::Tensor& L) {
+  check_cholesky_solve(R, L);
+  TORCH_CHECK(L.device().is_cpu(), "cholesky_solve: expected CPU tensors, got ", L.device());
+  return ddfast::cpu::cholesky_solve(R, L);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- ATen composite (any device)
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd_composite(
+    const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& mu, bool primal, bool compute_w) {
+  check_ridge_fwd(Z, Y, mu);
+  const auto acc = mu.scalar_type();
+  const at::Tensor Za = Z.to(acc), Ya = Y.to(acc);
+  const at::Tensor Zt = Za.transpose(1, 2);
+  at::Tensor A = primal ? at::matmul(Zt, Za) : at::matmul(Za, Zt);
+  A.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
+  auto [L, info] = at::linalg_cholesky_ex(A, /*upper=*/false, /*check_errors=*/false);
+  // A failed factor holds garbage past the failing minor: keep the solve finite for those members.
+  const at::Tensor ok = info.eq(0).view({-1, 1, 1});
+  const at::Tensor Ls = at::where(ok, L, at::eye(A.size(1), A.options()).expand_as(A));
+  at::Tensor aux = at::cholesky_solve(primal ? at::matmul(Zt, Ya) : Ya, Ls, /*upper=*/false);
+  at::Tensor W;
+  if (primal)
+    W = aux.to(Z.scalar_type());
+  else if (compute_w)
+    W = at::matmul(Zt, aux).to(Z.scalar_type());
+  else
+    W = at::empty({0}, Z.options());
+  at::Tensor failed = info.ne(0).any();
+  at::Tensor status = failed.to(at::kInt);
+  if (W.numel() > 0)
+    status = at::where(failed, status, at::isfinite(W).all().logical_not().to(at::kInt).mul(2));
+  return {W, L, aux, info.to(at::kInt), status.to(at::kInt).reshape({})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_composite(const at::Tensor& G, const at::Tensor& Z,
+                                                                         const at::Tensor& Y, const at::Tensor& L,
+                                                                         const at::Tensor& aux, bool primal,
+                                                                         bool need_dz, bool need_dy, bool need_dmu) {
+  check_ridge_bwd(G, Z, Y, L, aux, primal);
+  const auto acc = L.scalar_type(), io = Z.scalar_type();
+  const at::Tensor Za = Z.to(acc), Ga = G.to(acc);
+  const at::Tensor Zt = Za.transpose(1, 2);
+  at::Tensor dZ, dY, dmu;
+  if (!primal) {
+    // Bm = A⁻¹ZG, dY = Bm, dZ = α(G − ZᵀBm)ᵀ − BmWᵀ, dμ = −Σ Bm∘α   (α = aux, W = Zᵀα)
+    const at::Tensor Bm = at::cholesky_solve(at::matmul(Za, Ga), L, false);
+    if (need_dy) dY = Bm.to(io);
+    if (need_dmu) dmu = (Bm * aux).sum({1, 2}).neg();
+    if (need_dz) {
+      const at::Tensor T = Ga - at::matmul(Zt, Bm);
+      const at::Tensor W = at::matmul(Zt, aux);
+      dZ = (at::matmul(aux, T.transpose(1, 2)) - at::matmul(Bm, W.transpose(1, 2))).to(io);
+    }
+  } else {
+    // V = H⁻¹G, dY = ZV, dZ = (Y − ZW)Vᵀ − dY Wᵀ, dμ = −Σ V∘W   (W = aux)
+    const at::Tensor V = at::cholesky_solve(Ga, L, false);
+    const at::Tensor ZV = at::matmul(Za, V);
+    if (need_dy) dY = ZV.to(io);
+    if (need_dmu) dmu = (V * aux).sum({1, 2}).neg();
+    if (need_dz) {
+      const at::Tensor R = Y.to(acc) - at::matmul(Za, aux);
+      dZ = (at::matmul(R, V.transpose(1, 2)) - at::matmul(ZV, aux.transpose(1, 2))).to(io);
+    }
+  }
+  return {dZ, dY, dmu};
+}
+
+// ---------------------------------------------------------------- CUDA
+
+#ifdef DDFAST_WITH_CUDA
+namespace {
+
+// Whether the one-block kernel can take this problem: n within ridge_solve_max_n() and its shared
+// memory (ridge_solve_smem_bytes, the same for forward and backward, independent of C) within the
+// device's opt-in maximum.
+bool cuda_kernel_fits(const at::Tensor& Z, const at::Tensor& Y, at::ScalarType solve_dtype, bool primal) {
+  const int64_t n = factor_size(Z, primal), C = Y.size(2);
+  if (solve_dtype != Z.scalar_type() || n > ddfast::cuda::ridge_solve_max_n()) return false;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, Z.get_device()) != cudaSuccess)
+    return false;
+  return ddfast::cuda::ridge_solve_smem_bytes(n, C, Z.element_size()) <= static_cast<size_t>(optin);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd_cuda(
+    const at::Tensor& Z_in, const at::Tensor& Y_in, const at::Tensor& mu_in, bool primal, bool compute_w) {
+  check_ridge_fwd(Z_in, Y_in, mu_in);
+  TORCH_CHECK(Z_in.is_cuda(), kFwd, ": expected CUDA tensors, got ", Z_in.device());
+  const c10::cuda::CUDAGuard guard(Z_in.device());
+  if (!cuda_kernel_fits(Z_in, Y_in, mu_in.scalar_type(), primal))
+    return ridge_solve_fwd_composite(Z_in, Y_in, mu_in, primal, compute_w);
+  const at::Tensor Z = Z_in.contiguous(), Y = Y_in.contiguous(), mu = mu_in.contiguous();
+  const int64_t B = Z.size(0), N = Z.size(1), d = Z.size(2), C = Y.size(2);
+  auto [W, L, aux, info, status] = ridge_fwd_outputs(Z, Y, mu, primal, compute_w);
+  const bool write_w = primal || compute_w;  // dual without compute_w: the kernel skips W = Zᵀα
+  int rc = 0;
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "ridge_solve_fwd_cuda", [&] {
+    rc = ddfast::cuda::ridge_solve_fwd_launch<scalar_t>(
+        Z.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
+        write_w ? W.data_ptr<scalar_t>() : nullptr,
+        L.data_ptr<scalar_t>(), aux.data_ptr<scalar_t>(), info.data_ptr<int>(), B, N, d, C, primal,
+        c10::cuda::getCurrentCUDAStream());
+  });
+  TORCH_CHECK(rc == 0, "ridge_solve_fwd (CUDA): ", ddfast::cuda::ridge_solve_error_string(rc));
+  const at::Tensor failed = info.ne(0).any();
+  status = at::where(failed, failed.to(at::kInt),
+                     at::isfinite(write_w ? W : aux).all().logical_not().to(at::kInt).mul(2))
+               .to(at::kInt)
+               .reshape({});
+  if (!primal && !compute_w) W = at::empty({0}, Z.options());
+  return {W, L, aux, info, status};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_cuda(const at::Tensor& G_in, const at::Tensor& Z_in,
+                                                                    const at::Tensor& Y_in, const at::Tensor& L_in,
+                                                                    const at::Tensor& aux_in, bool primal,
+                                                                    bool need_dz, bool need_dy, bool need_dmu) {
+  check_ridge_bwd(G_in, Z_in, Y_in, L_in, aux_in, primal);
+  TORCH_CHECK(Z_in.is_cuda(), kBwd, ": expected CUDA tensors, got ", Z_in.device());
+  const c10::cuda::CUDAGuard guard(Z_in.device());
+  if (!cuda_kernel_fits(Z_in, Y_in, L_in.scalar_type(), primal))
+    return ridge_solve_bwd_composite(G_in, Z_in, Y_in, L_in, aux_in, primal, need_dz, need_dy, need_dmu);
+  const at::Tensor G = G_in.to(Z_in.scalar_type()).contiguous(), Z = Z_in.contiguous(), Y = Y_in.contiguous();
+  const at::Tensor L = L_in.contiguous(), aux = aux_in.contiguous();
+  const int64_t B = Z.size(0), N = Z.size(1), d = Z.size(2), C = Y.size(2);
+  at::Tensor dZ = need_dz ? at::empty({B, N, d}, Z.options()) : at::Tensor();
+  at::Tensor dY = need_dy ? at::empty({B, N, C}, Z.options()) : at::Tensor();
+  at::Tensor dmu = need_dmu ? at::empty({B}, Z.options()) : at::Tensor();
+  int rc = 0;
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "ridge_solve_bwd_cuda", [&] {
+    rc = ddfast::cuda::ridge_solve_bwd_launch<scalar_t>(
+        G.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(),
+        aux.data_ptr<scalar_t>(), need_dz ? dZ.data_ptr<scalar_t>() : nullptr,
+        need_dy ? dY.data_ptr<scalar_t>() : nullptr, need_dmu ? dmu.data_ptr<scalar_t>() : nullptr,
+        B, N, d, C, primal, c10::cuda::getCurrentCUDAStream());
+  });
+  TORCH_CHECK(rc == 0, "ridge_solve_bwd (CUDA): ", ddfast::cuda::ridge_solve_error_string(rc));
+  return {dZ, dY, dmu};
+}
+
+at::Tensor cholesky_solve_cuda(const at::Tensor& R, const at::Tensor& L) {
+  check_cholesky_solve(R, L);
+  const c10::cuda::CUDAGuard guard(L.device());
+  return at::cholesky_solve(R.to(L.scalar_type()), L, /*upper=*/false);
+}
+
+}  // namespace
+#endif
+
+}  // namespace ops
+}  // namespace ddfast
+
+TORCH_LIBRARY_FRAGMENT(ddfast, m) {
+  m.def("ridge_solve_fwd(Tensor Z, Tensor Y, Tensor mu, bool primal, bool compute_w=True) -> "
+        "(Tensor W, Tensor L, Tensor aux, Tensor info, Tensor status)");
+  m.def("ridge_solve_bwd(Tensor G, Tensor Z, Tensor Y, Tensor L, Tensor aux, bool primal, bool need_dz, "
+        "bool need_dy, bool need_dmu) -> (Tensor dZ, Tensor dY, Tensor dmu)");
+  m.def("cholesky_solve(Tensor R, Tensor L) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
+  m.impl("ridge_solve_fwd", &ddfast::ops::ridge_solve_fwd_cpu);
+  m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_cpu);
+  m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_cpu);
+}
+
+TORCH_LIBRARY_IMPL(ddfast, Meta, m) {
+  m.impl("ridge_solve_fwd", &ddfast::ops::ridge_solve_fwd_meta);
+  m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_meta);
+  m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_meta);
+}
+
+#ifdef DDFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(ddfast, CUDA, m) {
+  m.impl("ridge_solve_fwd", &ddfast::ops::ridge_solve_fwd_cuda);
+  m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_cuda);
+  m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_cuda);
+}
+#endif
