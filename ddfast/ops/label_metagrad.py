@@ -494,13 +494,17 @@ def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.
     if _checking(check_finite):
         _raise_if_nonfinite([("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("w_prev", w_prev)]
                             + ([("y_real", y_real)] if y_real.is_floating_point() else []))
-    y = y_soft.detach().requires_grad_(True)
-    with torch.enable_grad():
+
+    def outer(y):
         if backend == "reference":
             w_local = ridge_weights_ref(z_base.detach(), y, lam, bias=bias)
         else:
             w_local = ridge_weights(z_base.detach(), y, lam, bias=bias, check_finite=check_finite, backend=backend)
         w = (1.0 - pseudo_lr) * w_prev.detach() + pseudo_lr * w_local
-        loss = outer_loss(ridge_logits(z_real.detach(), w, scale, bias), y_real)
-        (grad,) = torch.autograd.grad(loss, y)
+        return outer_loss(ridge_logits(z_real.detach(), w, scale, bias), y_real), (w_local, w)
+
+    # torch.func (not autograd.grad on a fresh leaf): traceable by torch.compile with no graph break. The
+    # labels go in as a private copy, so no kernel working in place can reach the caller's tensor.
+    with torch.enable_grad():
+        grad, (loss, (w_local, w)) = torch.func.grad_and_value(outer, has_aux=True)(y_soft.detach().clone())
     return loss.detach(), grad, w_local.detach(), w.detach()
