@@ -8,6 +8,7 @@ with new values reuses the compiled graph.
 * LD-RR meta-step: ``ridge_label_metagrad`` (``ridge_weights`` + the label meta-gradient through it).
 * KRR-ST outer loss and its backward (``krr_predict``, gradient w.r.t. the support set).
 * Few-shot ridge head batched over tasks (``ridge_weights`` with a task batch dimension), loss and backward.
+* The ghost products (GraNd-style per-example norms and inner products), loss and backward.
 
 Compiler backend: ``aot_eager`` by default (Dynamo capture with ``fullgraph=True`` and AOTAutograd's forward
 and backward graphs through the ops' fake kernels, run eagerly) so the file stays fast on two CPU cores;
@@ -31,6 +32,7 @@ from torch.func import functional_call, grad_and_value
 
 from conftest import backend_param
 from ddfast.models import LeNet
+from ddfast.ops.ghost_products import ghost_bilinear, ghost_inner, ghost_norms
 from ddfast.ops.label_metagrad import ridge_label_metagrad
 from ddfast.ops.ridge_solve import krr_predict, ridge_weights
 
@@ -106,7 +108,13 @@ def fewshot_head_loss(z_support, y_support, z_query, y_query):
     return F.cross_entropy(logits.flatten(0, 1), y_query.flatten())
 
 
-_CASES = {"lenet": lenet_step, "ldrr": ldrr_step, "krr": krr_outer_loss, "fewshot": fewshot_head_loss}
+def ghost_loss(A, G, V):
+    """Ghost bilinear forms, norms (both algorithms) and inner products of one layer, summed."""
+    return (ghost_bilinear(A, G, V).sum() + ghost_norms(A, G, algorithm="ghost").sum()
+            + ghost_norms(A, G, algorithm="materialize").sum() + ghost_inner(A, G, A[:2], G[:2]).sum())
+
+
+_CASES = {"ghost": ghost_loss, "lenet": lenet_step, "ldrr": ldrr_step, "krr": krr_outer_loss, "fewshot": fewshot_head_loss}
 
 
 # --------------------------------------------------------------------------- tests
@@ -187,3 +195,17 @@ def test_fewshot_ridge_head_batched_over_tasks(backend):
         torch.testing.assert_close(loss_c, loss_e, **F32)
         torch.testing.assert_close(zs_c.grad, zs_e.grad, **F32)
         zs = zs + 0.1
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_ghost_products_loss_and_backward(backend):
+    g = torch.Generator().manual_seed(0)
+    A, G, V = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 2, generator=g), torch.randn(2, 5, generator=g)
+    _explain(ghost_loss, A.requires_grad_(), G.requires_grad_(), V.requires_grad_())
+    fn = _compiled("ghost")
+    for _ in range(2):
+        loss_c, loss_e = fn(A, G, V), ghost_loss(A, G, V)
+        torch.testing.assert_close(loss_c, loss_e, **F32)
+        for a, b in zip(torch.autograd.grad(loss_c, (A, G, V)), torch.autograd.grad(loss_e, (A, G, V))):
+            torch.testing.assert_close(a, b, **F32)
+        A = (A + 0.1).detach().requires_grad_()

@@ -355,6 +355,31 @@ class GhostInnerFunction(torch.autograd.Function):
         return torch.stack([GhostInnerFunction.apply(*(x[b] for x in xs), ghost, kernels) for b in range(B)]), 0
 
 
+class _GhostBilinearTraced(GhostBilinearFunction):
+    """The Functions as ``torch.compile`` sees them: no forward-mode rule (Dynamo traces no Function that
+    defines ``jvp``); forward, backward (double backward included) and vmap as above."""
+
+    jvp = torch.autograd.Function.jvp
+
+
+class _GhostNormsTraced(GhostNormsFunction):
+    jvp = torch.autograd.Function.jvp
+
+
+class _GhostInnerTraced(GhostInnerFunction):
+    jvp = torch.autograd.Function.jvp
+
+
+def _fn(eager, traced):
+    return traced if torch.compiler.is_compiling() else eager
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(backend, device, dtype, op):
+    """The selected backend; under torch.compile evaluated once at trace time (a constant of the graph)."""
+    return _select(backend, device, dtype, op)
+
+
 def _sum_terms(terms, n, like):
     if not terms:
         return like.new_zeros(n)
@@ -386,10 +411,10 @@ def ghost_bilinear(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, *, backend
         raise TypeError(f"V: expected dtype {A.dtype} (the dtype of A), got {V.dtype}")
     if V.device != A.device:
         raise ValueError(f"V: expected device {A.device} (the device of A), got {V.device}")
-    name = _select(backend, A.device, A.dtype, "ghost_bilinear")
+    name = _backend_name(backend, A.device, A.dtype, "ghost_bilinear")
     if name == "reference":
         return ghost_bilinear_ref(A, G, V)
-    return GhostBilinearFunction.apply(A, G, V, _KERNELS[name])
+    return _fn(GhostBilinearFunction, _GhostBilinearTraced).apply(A, G, V, _KERNELS[name])
 
 
 def ghost_norms(A: torch.Tensor, G: torch.Tensor, *, algorithm: str = "auto", backend: str = "auto") -> torch.Tensor:
@@ -406,10 +431,10 @@ def ghost_norms(A: torch.Tensor, G: torch.Tensor, *, algorithm: str = "auto", ba
     _check_pair(A, G)
     N, P, K = A.shape
     ghost = _ghost_flag(algorithm, P, G.shape[2], K)
-    name = _select(backend, A.device, A.dtype, "ghost_norms")
+    name = _backend_name(backend, A.device, A.dtype, "ghost_norms")
     if name == "reference":
         return ghost_norms_ref(A, G)
-    return GhostNormsFunction.apply(A, G, ghost, _KERNELS[name])
+    return _fn(GhostNormsFunction, _GhostNormsTraced).apply(A, G, ghost, _KERNELS[name])
 
 
 def ghost_inner(
@@ -443,10 +468,10 @@ def ghost_inner(
     N1, P1, K = A1.shape
     N2, P2 = A2.shape[:2]
     ghost = _ghost_flag(algorithm, P1, G1.shape[2], K, N1, P2, N2)
-    name = _select(backend, A1.device, A1.dtype, "ghost_inner")
+    name = _backend_name(backend, A1.device, A1.dtype, "ghost_inner")
     if name == "reference":
         return ghost_inner_ref(A1, G1, A2, G2)
-    return GhostInnerFunction.apply(A1, G1, A2, G2, ghost, _KERNELS[name])
+    return _fn(GhostInnerFunction, _GhostInnerTraced).apply(A1, G1, A2, G2, ghost, _KERNELS[name])
 
 
 # --------------------------------------------------------------------------- model level
