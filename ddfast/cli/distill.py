@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ddfast.cli._common import (BACKENDS, add_distributed, add_pass_options, add_progress, add_run_options,
-                                model_names, nonneg_int, pass_overrides, positive_float, positive_int)
+                                model_names, nonneg_int, pass_overrides, positive_float, positive_int, unit_interval)
 
 DATASET_HELP = "data set (digits, mnist, fashion-mnist, kmnist, emnist-letters, cifar10, cifar100, npz:PATH)"
 
@@ -18,6 +18,10 @@ def add_parsers(sub) -> None:
     _add_ead(methods)
     ev = sub.add_parser("evaluate", help="train fresh models on finished LD runs and report test accuracy")
     ev.add_argument("runs", nargs="+", metavar="RUN", help="LD run folders (`ddfast distill ld --out RUN`)")
+    ev.add_argument("--archs", nargs="+", default=None, choices=model_names(), metavar="ARCH",
+                    help="architecture transfer (LD Tables 13-14): fresh networks of each ARCH trained on the run's "
+                         "base examples and labels for its T steps, instead of the distillation network "
+                         f"(one of {', '.join(model_names())}); written to eval-archs.json")
     ev.add_argument("--models", type=positive_int, default=20, help="fresh models trained per run")
     ev.add_argument("--seed", type=nonneg_int, default=0, help="seed of the first model (model k uses seed + k)")
     ev.add_argument("--backend", default="auto", choices=BACKENDS, help="op backend of the evaluation models")
@@ -77,6 +81,12 @@ def _add_krr_st(methods) -> None:
     krr.add_argument("--init", default=None, choices=["target", "gaussian"], help="Y_s init (gaussian: 'w/o init')")
     krr.add_argument("--image-size", type=positive_int, default=None, help="resize the images to this size")
     krr.add_argument("--solve-dtype", default=None, choices=["float32", "float64"], help="dtype of the KRR solve")
+    krr.add_argument("--real-augment", default=None, action=argparse.BooleanOptionalAction,
+                     help="random crop (pad 4) + flip of the real batch before g_φ and f_ω, as the official code does "
+                          "(default: off, the paper's Algorithm 1)")
+    krr.add_argument("--pool-reset", default=None, choices=["paper", "official"],
+                     help="paper: a pool model is re-initialised with t_i = 0 after T steps (default); official: "
+                          "t_i stays at T, so the model is re-initialised on every visit (the official code)")
     krr.add_argument("--checkpoint-every", type=positive_int, default=100, help="meta-steps between checkpoints")
     krr.add_argument("--backend", default="auto", choices=BACKENDS, help="op backend")
     krr.add_argument("--seed", type=nonneg_int, default=0, help="seed of X_s, the pool and the batches")
@@ -106,6 +116,9 @@ def _add_ead(methods) -> None:
     ead.add_argument("--lr-images", type=positive_float, default=None, help="learning rate of the images")
     ead.add_argument("--lr-labels", type=positive_float, default=None, help="learning rate of the soft labels")
     ead.add_argument("--fixed-labels", action="store_true", help="keep the soft labels at their initial values")
+    ead.add_argument("--trajectory-momentum", type=unit_interval, default=None,
+                     help="SGD momentum of a trajectory trained here (default: 0, plain SGD as EAD's derivation "
+                          "assumes; a momentum trajectory is accepted with a warning)")
     ead.add_argument("--objective", default=None, choices=["normalised", "printed"],
                      help="normalised: α = 0 (default); printed: eq. 7's 1 − α = (2|S| − |D|)/|S|")
     ead.add_argument("--time-weights", default=None, choices=["lr", "uniform"], help="P(t) ∝ η_t or uniform")
@@ -150,7 +163,7 @@ def distill_krr_st(args) -> int:
     overrides = dict(m=args.m, steps=args.steps, batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size,
                      pool_steps=args.pool_steps, widths=tuple(args.widths) if args.widths else None, init=args.init,
                      backend=args.backend, seed=args.seed, solve_dtype=args.solve_dtype, fold_bn=args.fold_bn,
-                     **pass_overrides(args))
+                     real_augment=args.real_augment, pool_reset=args.pool_reset, **pass_overrides(args))
     krr, result, _ = distill(args.dataset, args.target, out=args.out, root=args.root, image_size=args.image_size,
                              resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                              checkpoint_every=args.checkpoint_every, process_group=getattr(args, "process_group", None),
@@ -174,7 +187,7 @@ def distill_ead(args) -> int:
         overrides["learn_labels"] = False
     ead, result, data = distill(args.dataset, args.ipc, out=args.out, trajectory=args.trajectory, root=args.root,
                                 resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                                checkpoint_every=args.checkpoint_every,
+                                checkpoint_every=args.checkpoint_every, trajectory_momentum=args.trajectory_momentum,
                                 process_group=getattr(args, "process_group", None), **overrides)
     losses = [h["loss"] for h in result.history]
     k = max(1, min(25, len(losses) // 10))
@@ -197,7 +210,48 @@ def distill_ead(args) -> int:
 def evaluate(args) -> int:
     from ddfast.experiments.ld import evaluate_run
 
+    if args.archs:
+        for run in args.runs:
+            for arch, res in evaluate_architectures_run(run, args.archs, models=args.models, seed=args.seed,
+                                                        backend=args.backend).items():
+                print(f"{run}: {arch}: test accuracy {res} over {args.models} fresh models")
+        return 0
     for run in args.runs:
         res = evaluate_run(run, models=args.models, seed=args.seed, backend=args.backend)
         print(f"{run}: test accuracy {res} over {args.models} fresh models")
     return 0
+
+
+def evaluate_architectures_run(run_dir: str, archs, models: int = 20, seed: int = 0, backend: str = "auto") -> dict:
+    """Architecture transfer of a finished LD run (LD §4, Tables 13–14; the run-folder form of
+    :meth:`ddfast.distill.ld.LabelDistiller.evaluate_architectures`): for each name in ``archs``, ``models`` fresh
+    networks of that architecture (LD-RR: with the ridge head) trained on the run's base images and distilled
+    labels for its T steps, scored on the test split. Writes ``eval-archs.json`` into the run folder and
+    returns ``{arch: EvalResult}``."""
+    import os
+
+    from ddfast.artifacts import write_json_atomic
+    from ddfast.evaluate import TrainSettings, evaluate_labels
+    from ddfast.experiments.ld import _factory, load_distilled, load_run_data
+    from ddfast.runs import RunFolder
+
+    archs = list(archs)
+    unknown = sorted(set(archs) - set(model_names()))
+    if not archs or unknown:
+        raise ValueError(f"archs: expected names among {model_names()}, got {archs!r}")
+    tensors, meta = load_distilled(run_dir)
+    target = load_run_data(run_dir, meta)
+    cfg = meta["config"]
+    settings = TrainSettings(steps=int(tensors["steps_to_overfit"]), batch_size=int(meta["inner_batch"]), lr=cfg["lr"],
+                             pseudo_lr=cfg["pseudo_lr"], ridge_lambda=cfg["ridge_lambda"],
+                             calibration_lr=cfg["calibration_lr"], backend=backend)
+    out = {}
+    for arch in archs:
+        make = _factory(arch, target.channels, target.num_classes, target.image_size, cfg["variant"] == "rr")
+        out[arch] = evaluate_labels(make, tensors["base_images"], tensors["soft_labels"], target.test_x, target.test_y,
+                                    settings, models, seed)
+    with RunFolder(run_dir, "ld"):  # no writer may be active while eval-archs.json is written
+        write_json_atomic(os.path.join(run_dir, "eval-archs.json"), {
+            "distilled_with": cfg["model"], "models": models, "seed": seed,
+            "archs": {a: {"accuracies": r.accuracies, "mean": r.mean, "std": r.std} for a, r in out.items()}})
+    return out

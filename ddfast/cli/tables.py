@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ddfast.cli._common import (BACKENDS, UsageError, add_progress, model_names, nonneg_int, positive_int)
+from ddfast.cli._common import (BACKENDS, UsageError, add_progress, model_names, nonneg_int, positive_float,
+                                positive_int, unit_interval)
 
 
 def add_parsers(sub) -> None:
@@ -46,7 +47,16 @@ def add_parsers(sub) -> None:
                     help="EAD objectives, one row each")
     et.add_argument("--models", type=positive_int, default=5, help="fresh models per cell")
     et.add_argument("--iterations", type=positive_int, default=None, help="EAD iterations (default: the preset)")
-    et.add_argument("--t-m", dest="t_m", type=positive_int, default=None, help="checkpoints sampled per iteration")
+    et.add_argument("--t-m", dest="t_m", type=positive_int, nargs="+", default=None,
+                    help="checkpoints sampled per iteration (several values: candidates, needs --select)")
+    et.add_argument("--lr", type=positive_float, nargs="+", default=None,
+                    help="learning rate of images and labels (default: the preset; several values: candidates, "
+                         "needs --select)")
+    et.add_argument("--select", action="store_true",
+                    help="choose among --objectives x --lr x --t-m on the validation split, then test the chosen "
+                         "setting once (one EAD row; the choice and every validation score go to the JSON)")
+    et.add_argument("--trajectory-momentum", type=unit_interval, default=None,
+                    help="SGD momentum of the trajectory (default: 0, plain SGD as EAD's derivation assumes)")
     et.add_argument("--backend", default="auto", choices=BACKENDS, help="op backend")
     et.add_argument("--seed", type=nonneg_int, default=0, help="seed of the subsets, runs and models")
     et.add_argument("--out", default="runs", help="folder for the trajectory, the runs and the table JSON")
@@ -147,12 +157,32 @@ def ead_table(args) -> int:
     from ddfast.artifacts import write_json_atomic
     from ddfast.experiments.ead import ead_table as run_table, format_table
 
-    overrides = dict(iterations=args.iterations, t_m=args.t_m, backend=args.backend)
+    t_m, lr = args.t_m or [], args.lr or []
+    select = None
+    if args.select:
+        select = {"objective": list(dict.fromkeys(args.objectives))}
+        if t_m:
+            select["t_m"] = list(dict.fromkeys(t_m))
+        if lr:
+            select["lr"] = list(dict.fromkeys(lr))
+        overrides = dict(iterations=args.iterations, backend=args.backend)
+    else:
+        if len(t_m) > 1 or len(lr) > 1:
+            raise UsageError("ead-table: several --t-m / --lr values are candidates; add --select to choose on validation")
+        overrides = dict(iterations=args.iterations, t_m=t_m[0] if t_m else None, backend=args.backend,
+                         lr_images=lr[0] if lr else None, lr_labels=lr[0] if lr else None)
     rows = run_table(args.dataset, tuple(args.ipc), out=args.out, models=args.models, seed=args.seed,
-                     objectives=tuple(args.objectives), progress=not args.no_progress, root=args.root, **overrides)
+                     objectives=tuple(args.objectives), progress=not args.no_progress, root=args.root, select=select,
+                     trajectory_momentum=args.trajectory_momentum, **overrides)
     print(format_table(rows, args.ipc, title=f"EAD on {args.dataset}: test accuracy (%) of {args.models} fresh models"))
-    path = os.path.join(args.out, f"ead-table-{args.dataset}.json")
-    write_json_atomic(path, {r.name: {str(i): r.results[i].accuracies for i in r.results} for r in rows})
+    for r in rows:
+        for i, sel in r.selection.items():
+            vals = ", ".join(f"{c['candidate']}: {c['mean']:.2f}" for c in sel["val"])
+            print(f"IPC {i}: chosen on validation {sel['chosen']} (validation accuracy {vals})")
+    path = os.path.join(args.out, f"ead-table-{args.dataset}{'-selected' if select else ''}.json")
+    write_json_atomic(path, {r.name: {str(i): ({"accuracies": r.results[i].accuracies, "selection": r.selection[i]}
+                                               if i in r.selection else r.results[i].accuracies)
+                                      for i in r.results} for r in rows})
     print(f"results: {path}")
     return 0
 

@@ -110,7 +110,9 @@ def distill(dataset: str, target_dir: str, *, out: str | None = None, root: str 
         ds = load_source(dataset, image_size, root)
         _check_target_fits(target, ds, target_dir)
         train_targets = encode(target, ds.train_x)
-        krr = KRRSTDistiller(ds.train_x, config=config, train_targets=train_targets, process_group=process_group)
+        # the target model too: real_augment (the official step) evaluates g_φ on each augmented real batch
+        krr = KRRSTDistiller(ds.train_x, target if config.real_augment else None, config=config,
+                             train_targets=train_targets, process_group=process_group)
         if run is not None:
             from ddfast.ssl.barlow_twins import TARGET_FILE
 
