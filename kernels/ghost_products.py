@@ -45,7 +45,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 #: Elements of W per block in the materialized inner product.
 MATERIALIZE_BLOCK_ELEMS = 1 << 22
 
-from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton  # noqa: F401,E402
+from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton, triton_op, wrap  # noqa: F401,E402
 
 
 if TRITON_AVAILABLE:
@@ -331,6 +331,7 @@ def _check_pair(A, G, an="A", gn="G"):
         raise ValueError("triton ghost_products unsupported: " + "; ".join(reasons))
 
 
+@triton_op("triton_ghost_bilinear_fwd")
 def ghost_bilinear_fwd(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """out[n] = Σ_p G[n,p]ᵀ V A[n,p]; A ``[N, P, K]``, G ``[N, P, O]``, V ``[O, K]``; returns ``[N]``.
 
@@ -350,13 +351,14 @@ def ghost_bilinear_fwd(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> tor
     rows, bk, bo = (32, 32, 32) if use_dot else (16, 16, 16)
     bn, bp = _rows_split(P, rows)
     grid = (triton.cdiv(N, bn),)
-    _ghost_bilinear_fwd_kernel[grid](
+    wrap(_ghost_bilinear_fwd_kernel, A)[grid](
         A, G, V, out, N, P, K, O, *A.stride(), *G.stride(), *V.stride(),
         USE_DOT=use_dot, BLOCK_N=bn, BLOCK_P=bp, BLOCK_K=bk, BLOCK_O=bo, num_warps=4,
     )
     return out
 
 
+@triton_op("triton_ghost_norms_fwd")
 def ghost_norms_fwd(A: torch.Tensor, G: torch.Tensor, ghost: bool) -> torch.Tensor:
     """out[n] = ‖W_n‖²; ``ghost`` picks the Gram algorithm, else W_n tiles. Returns ``[N]``.
 
@@ -382,13 +384,14 @@ def ghost_norms_fwd(A: torch.Tensor, G: torch.Tensor, ghost: bool) -> torch.Tens
         use_dot, bn = f32, 1
         bp, bk, bo = (32, 32, 32) if f32 else (16, 16, 16)
     grid = (triton.cdiv(N, bn),)
-    _ghost_norms_fwd_kernel[grid](
+    wrap(_ghost_norms_fwd_kernel, A)[grid](
         A, G, out, N, P, K, O, *A.stride(), *G.stride(),
         GHOST=bool(ghost), USE_DOT=use_dot, BLOCK_N=bn, BLOCK_P=bp, BLOCK_K=bk, BLOCK_O=bo, num_warps=4,
     )
     return out
 
 
+@triton_op("triton_ghost_inner_fwd")
 def ghost_inner_fwd(A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, ghost: bool) -> torch.Tensor:
     """out[n, m] = ⟨W1_n, W2_m⟩; ``ghost`` picks cross-Gram tiles, else W blocks and ``torch.mm``.
 
@@ -411,7 +414,7 @@ def ghost_inner_fwd(A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: to
         bn1, bp1 = _rows_split(P1, rows)
         bn2, bp2 = _rows_split(P2, rows)
         grid = (triton.cdiv(N1, bn1) * triton.cdiv(N2, bn2),)
-        _ghost_inner_fwd_kernel[grid](
+        wrap(_ghost_inner_fwd_kernel, A1)[grid](
             A1, G1, A2, G2, out, N1, P1, N2, P2, K, O,
             *A1.stride(), *G1.stride(), *A2.stride(), *G2.stride(),
             USE_DOT=use_dot, BLOCK_N1=bn1, BLOCK_P1=bp1, BLOCK_N2=bn2, BLOCK_P2=bp2, BLOCK_K=bc, BLOCK_O=bc,
@@ -425,7 +428,7 @@ def ghost_inner_fwd(A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: to
     def materialize(A, G, n0, nb):
         W = torch.empty((nb, O, K), dtype=A.dtype, device=A.device)
         grid = (nb, triton.cdiv(O, bo) * triton.cdiv(K, bk))
-        _ghost_materialize_kernel[grid](
+        wrap(_ghost_materialize_kernel, A)[grid](
             A, G, W, n0, nb, A.shape[1], K, O, *A.stride(), *G.stride(),
             USE_DOT=use_dot, BLOCK_P=bp, BLOCK_K=bk, BLOCK_O=bo, num_warps=4,
         )

@@ -34,6 +34,8 @@ GPU), which keeps float64 results at float64 accuracy.
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import List, Optional, Tuple
 
 import torch
@@ -53,7 +55,7 @@ MAX_CLASSES = 1024
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
-from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton  # noqa: F401
+from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, shapes_only, tl, triton, triton_op, wrap  # noqa: F401,E402
 
 
 if TRITON_AVAILABLE:
@@ -183,11 +185,18 @@ def _bwd_config(C: int, dtype: torch.dtype) -> dict:
     return dict(USE_DOT=use_dot, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_C=block_c, num_warps=num_warps)
 
 
+def _to_float32(x: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: what a float32 conversion gives
+        return math.copysign(math.inf, x)
+
+
 def _split_scale(scale: float) -> Tuple[float, float]:
     """scale = hi + lo with hi, lo float32-representable (|lo| ≤ 2⁻²⁴|hi|): float64-exact to ~2⁻⁴⁸."""
     scale = float(scale)
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+    hi = _to_float32(scale)  # plain Python: also runs while torch.compile traces (no tensor to read back)
+    return hi, _to_float32(scale - hi)
 
 
 def _common_reasons(tensors, C: int) -> List[str]:
@@ -256,6 +265,7 @@ def _check_optional(name: str, t, shape, like: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected device {like.device} (the device of H), got {t.device}")
 
 
+@triton_op("triton_label_metagrad_fwd")
 def label_metagrad_fwd(Z: torch.Tensor, Y: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inner-loss residual and per-row soft cross-entropy.
 
@@ -281,10 +291,12 @@ def label_metagrad_fwd(Z: torch.Tensor, Y: torch.Tensor, scale: float) -> Tuple[
         return R, loss
     if C == 0:
         return R, loss.zero_()
+    if _INTERPRETED and shapes_only(Z):
+        return R, loss
     cfg = _fwd_config(C)
     hi, lo = _split_scale(scale)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    _label_metagrad_fwd_kernel[grid](
+    wrap(_label_metagrad_fwd_kernel)[grid](
         Z, Y, R, loss,
         N, C,
         *Z.stride(), *Y.stride(),
@@ -294,6 +306,7 @@ def label_metagrad_fwd(Z: torch.Tensor, Y: torch.Tensor, scale: float) -> Tuple[
     return R, loss
 
 
+@triton_op("triton_label_metagrad_bwd")
 def label_metagrad_bwd(
     H: torch.Tensor,
     GW: torch.Tensor,
@@ -323,13 +336,13 @@ def label_metagrad_bwd(
     _check_optional("gb", gb, (C,), H)
     _check_optional("Vb", Vb, (N, C), H)
     out = torch.empty((N, C), dtype=H.dtype, device=H.device)
-    if N == 0 or C == 0:
+    if N == 0 or C == 0 or (_INTERPRETED and shapes_only(H)):
         return out
     cfg = _bwd_config(C, H.dtype)
     hi, lo = _split_scale(scale)
     dummy = out  # never read when the HAS_* flag is off
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    _label_metagrad_bwd_kernel[grid](
+    wrap(_label_metagrad_bwd_kernel)[grid](
         H, GW,
         gb if gb is not None else dummy,
         Vb if Vb is not None else dummy,

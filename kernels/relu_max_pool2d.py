@@ -45,7 +45,7 @@ _BLOCK = 1024
 #: kernels are specialized for int64 (INT64=True).
 _INT32_LIMIT = 2**31
 
-from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton  # noqa: F401,E402
+from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, shapes_only, tl, triton, triton_op, wrap  # noqa: F401,E402
 
 
 if TRITON_AVAILABLE:
@@ -190,6 +190,7 @@ def _needs_int64(total: int, *tensors: torch.Tensor) -> bool:
     return reach >= _INT32_LIMIT
 
 
+@triton_op("triton_relu_max_pool2d_fwd")
 def relu_max_pool2d_fwd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, code)`` of the fused ReLU + 2×2 max-pool.
 
@@ -210,10 +211,10 @@ def relu_max_pool2d_fwd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype, device=x.device, memory_format=fmt)
     code = torch.empty((N, C, H // 2, W // 2), dtype=torch.uint8, device=x.device, memory_format=fmt)
     total = out.numel()
-    if total == 0:
+    if total == 0 or (_INTERPRETED and shapes_only(x)):
         return out, code
     grid = (triton.cdiv(total, _BLOCK),)
-    _relu_max_pool2d_fwd_kernel[grid](
+    wrap(_relu_max_pool2d_fwd_kernel)[grid](
         x, out, code,
         total, C, H // 2, W // 2,
         *x.stride(), *out.stride(),
@@ -225,6 +226,7 @@ def relu_max_pool2d_fwd(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return out, code
 
 
+@triton_op("triton_relu_max_pool2d_bwd")
 def relu_max_pool2d_bwd(grad_out: torch.Tensor, code: torch.Tensor, H: int, W: int, channels_last: bool) -> torch.Tensor:
     """``grad_in`` of the fused ReLU + 2×2 max-pool: ``grad_out`` at the coded window positions.
 
@@ -243,10 +245,10 @@ def relu_max_pool2d_bwd(grad_out: torch.Tensor, code: torch.Tensor, H: int, W: i
     gi = torch.empty((N, C, H, W), dtype=grad_out.dtype, device=grad_out.device,
                      memory_format=_memory_format(channels_last))
     total = gi.numel()
-    if total == 0:
+    if total == 0 or (_INTERPRETED and shapes_only(grad_out)):
         return gi
     grid = (triton.cdiv(total, _BLOCK),)
-    _relu_max_pool2d_bwd_kernel[grid](
+    wrap(_relu_max_pool2d_bwd_kernel)[grid](
         grad_out, code, gi,
         total, C, H, W, OH, OW,
         *grad_out.stride(), *code.stride(), *gi.stride(),

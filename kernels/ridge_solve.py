@@ -51,7 +51,7 @@ MAX_TARGET_DIM = 64
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
-from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton  # noqa: F401
+from ._triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON, tl, triton, triton_op, wrap  # noqa: F401,E402
 
 
 if TRITON_AVAILABLE:
@@ -426,6 +426,7 @@ def _batch_vector(mu, B: int, like: torch.Tensor) -> torch.Tensor:
     return mu.expand(B)
 
 
+@triton_op("triton_ridge_solve_fwd")
 def ridge_solve_fwd(
     Z: torch.Tensor, Y: torch.Tensor, mu: torch.Tensor, primal: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -454,7 +455,7 @@ def ridge_solve_fwd(
     info = torch.empty((B,), dtype=torch.int32, device=Z.device)
     if B == 0:
         return W, L, aux, info
-    _ridge_solve_fwd_kernel[(B,)](
+    wrap(_ridge_solve_fwd_kernel, Z)[(B,)](
         Z, Y, mu, W, L, aux, info,
         N, d, C,
         *Z.stride(), *Y.stride(), mu.stride(0),
@@ -464,6 +465,7 @@ def ridge_solve_fwd(
     return W, L, aux, info
 
 
+@triton_op("triton_ridge_solve_bwd")
 def ridge_solve_bwd(
     G: torch.Tensor,
     Z: torch.Tensor,
@@ -474,13 +476,13 @@ def ridge_solve_bwd(
     need_dZ: bool,
     need_dY: bool,
     need_dmu: bool,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`ridge_solve_fwd` given G = dLoss/dW [B,d,C].
 
     dual:   Bm = A⁻¹ Z G;  dY = Bm;  dZ = alpha (G − Zᵀ Bm)ᵀ − Bm Wᵀ;  dmu = −Σ Bm ∘ alpha
     primal: V = H⁻¹ G;     dY = Z V; dZ = (Y − Z W) Vᵀ − dY Wᵀ;        dmu = −Σ V ∘ W
 
-    L and aux are the forward outputs. Returns (dZ, dY, dmu); None where not needed.
+    L and aux are the forward outputs. Returns (dZ, dY, dmu); empty (0 elements) where not needed.
 
     Seed: label-distillation §3 eq. 2–3 (LD-RR), krr-st-selfsup §3.2 eq. 4.
     Equivalent PyTorch: ddfast.reference.ridge_solve
@@ -496,16 +498,14 @@ def ridge_solve_bwd(
     for name, t in (("G", G), ("L", L), ("aux", aux)):
         if t.dtype != Z.dtype or t.device != Z.device:
             raise ValueError(f"{name} must match Z in dtype and device")
-    if not (need_dZ or need_dY or need_dmu):
-        return None, None, None
     opts = dict(dtype=Z.dtype, device=Z.device)
-    dZ = torch.empty((B, N, d), **opts) if need_dZ else None
-    dY = torch.empty((B, N, C), **opts) if need_dY else None
-    dmu = torch.empty((B,), **opts) if need_dmu else None
-    if B == 0:
+    dZ = torch.empty((B, N, d) if need_dZ else (0,), **opts)
+    dY = torch.empty((B, N, C) if need_dY else (0,), **opts)
+    dmu = torch.empty((B,) if need_dmu else (0,), **opts)
+    if B == 0 or not (need_dZ or need_dY or need_dmu):
         return dZ, dY, dmu
     dummy = torch.empty((1,), **opts)
-    _ridge_solve_bwd_kernel[(B,)](
+    wrap(_ridge_solve_bwd_kernel, Z)[(B,)](
         G, Z, Y, L, aux,
         dZ if need_dZ else dummy,
         dY if need_dY else dummy,

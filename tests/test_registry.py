@@ -274,3 +274,49 @@ def test_info_reports_every_op():
     text = report()
     for op in dispatch.registered_ops():
         assert op in text
+
+
+# --------------------------------------------------------------------------- Triton operators
+
+TRITON_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")  # + aot_dispatch on a GPU
+
+
+def _triton_cases():
+    F = dict(dtype=torch.float64)
+    Z, Y, mu = torch.randn(2, 5, 4, **F), torch.randn(2, 5, 3, **F), torch.ones(2, **F)
+    A, G, V = torch.randn(2, 3, 4, **F), torch.randn(2, 3, 5, **F), torch.randn(5, 4, **F)
+    return {
+        "triton_ridge_solve_fwd": lambda: (Z, Y, mu, False),
+        "triton_ridge_solve_bwd": lambda: (torch.randn(2, 4, 3, **F), Z, Y,
+                                           *torch.ops.ddfast.triton_ridge_solve_fwd(Z, Y, mu, False)[1:3],
+                                           False, True, False, True),
+        "triton_ghost_bilinear_fwd": lambda: (A, G, V),
+        "triton_ghost_norms_fwd": lambda: (A, G, True),
+        "triton_ghost_inner_fwd": lambda: (A, G, A, G, False),
+        "triton_label_metagrad_fwd": lambda: (torch.randn(4, 3, **F), torch.rand(4, 3, **F), 0.5),
+        "triton_label_metagrad_bwd": lambda: (torch.randn(4, 5, **F), torch.randn(3, 5, **F), None,
+                                              torch.randn(4, 3, **F), torch.randn(4, 3, **F), 0.5),
+        "triton_relu_max_pool2d_fwd": lambda: (torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last),),
+        "triton_relu_max_pool2d_bwd": lambda: (torch.randn(2, 3, 2, 3),
+                                               torch.ops.ddfast.triton_relu_max_pool2d_fwd(torch.randn(2, 3, 5, 6))[1],
+                                               5, 6, False),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_triton_cases()))
+def test_triton_kernels_are_operators(name):
+    """Each Triton launcher is torch.ops.ddfast.triton_* (torch.library.triton_op): fake-tensor shapes and
+    schema checked here under the interpreter; on a GPU torch.compile traces into the kernels."""
+    if not dispatch.backends()["triton"]["available"]:
+        pytest.skip(dispatch.backends()["triton"]["reason"])
+    import ddfast.kernels.ghost_products  # noqa: F401  (registers the operators)
+    import ddfast.kernels.label_metagrad  # noqa: F401
+    import ddfast.kernels.relu_max_pool2d  # noqa: F401
+    import ddfast.kernels.ridge_solve  # noqa: F401
+
+    args = _triton_cases()[name]()
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(torch.ops.ddfast, name).default, args,
+                          test_utils=None if on_gpu else TRITON_CHECKS)
