@@ -245,9 +245,12 @@ def evaluate_architectures_run(run_dir: str, archs, models: int = 20, seed: int 
     settings = TrainSettings(steps=int(tensors["steps_to_overfit"]), batch_size=int(meta["inner_batch"]), lr=cfg["lr"],
                              pseudo_lr=cfg["pseudo_lr"], ridge_lambda=cfg["ridge_lambda"],
                              calibration_lr=cfg["calibration_lr"], backend=backend)
+    makers = {arch: _factory(arch, target.channels, target.num_classes, target.image_size, cfg["variant"] == "rr")
+              for arch in archs}
+    for make in makers.values():
+        make()  # an architecture that cannot take these images fails here, before any training
     out = {}
-    for arch in archs:
-        make = _factory(arch, target.channels, target.num_classes, target.image_size, cfg["variant"] == "rr")
+    for arch, make in makers.items():
         out[arch] = evaluate_labels(make, tensors["base_images"], tensors["soft_labels"], target.test_x, target.test_y,
                                     settings, models, seed)
     with RunFolder(run_dir, "ld"):  # no writer may be active while eval-archs.json is written
