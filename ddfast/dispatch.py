@@ -101,7 +101,21 @@ def _load_extension():
         ext = importlib.import_module("ddfast._C")
     except ImportError as exc:  # pragma: no cover - depends on the install
         return None, f"compiled extension ddfast._C not importable ({exc}); {BUILD_HINT}"
+    if getattr(ext, "with_cuda", False) and not hasattr(ext, "label_metagrad_fwd_cuda"):
+        _add_stream_int_aliases(ext)
     return ext, ""
+
+
+def _add_stream_int_aliases(ext) -> None:
+    """The label meta-gradient CUDA entry points as they were before the operators (stream as an int,
+    ignored: the operators launch on the current stream). Prefer torch.ops.ddfast.label_metagrad_*."""
+    import torch
+
+    ext.label_metagrad_fwd_cuda = lambda Z, Y, scale, stream=None: torch.ops.ddfast.label_metagrad_fwd(Z, Y, scale)
+    ext.label_metagrad_bwd_cuda = (
+        lambda H, GW, gb=None, Vb=None, Z=None, scale=1.0, stream=None: torch.ops.ddfast.label_metagrad_bwd(
+            H, GW, gb, Vb, Z, scale)
+    )
 
 
 def extension():
