@@ -203,3 +203,25 @@ def test_mixed_precision_double_backward_is_differentiable():
     gr, = torch.autograd.grad(Wr.square().sum(), Zr, create_graph=True)
     ggr, = torch.autograd.grad(gr.square().sum(), Zr)
     torch.testing.assert_close(gg.double(), ggr, rtol=1e-3, atol=1e-3 * ggr.abs().max().item())
+
+
+@pytest.mark.parametrize("n, C", [(1, 3), (4, 1), (1, 1), (5, 3)])
+def test_cpu_cholesky_solve_leaves_right_hand_sides_alone(n, C):
+    """The CPU solve works in place on its own buffer, never on the caller's right-hand sides."""
+    ext = pytest.importorskip("ddfast._C")
+    A = torch.randn(2, n, n, dtype=torch.float64)
+    L = torch.linalg.cholesky(A @ A.mT + n * torch.eye(n, dtype=torch.float64))
+    R = torch.randn(2, n, C, dtype=torch.float64)
+    before = R.clone()
+    solve = getattr(torch.ops.ddfast, "cholesky_solve", None) if hasattr(torch.ops, "ddfast") else None
+    X = (solve or ext.cholesky_solve)(R, L)
+    assert torch.equal(R, before)
+    torch.testing.assert_close(X, torch.cholesky_solve(before, L))
+
+
+def test_grad_through_one_sample_ridge_does_not_touch_targets():
+    y = torch.randn(1, 3, dtype=torch.float64)
+    before = y.clone()
+    z = torch.randn(1, 5, dtype=torch.float64)
+    torch.func.grad(lambda t: ridge_weights(z, t, 1.0, bias=True, backend="cpu").sum())(y)
+    assert torch.equal(y, before)

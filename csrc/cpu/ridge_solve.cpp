@@ -470,7 +470,10 @@ at::Tensor cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
   const int64_t B = R.size(0), n = R.size(1), C = R.size(2);
   if (n > kSmallN) return at::cholesky_solve(R.to(L.scalar_type()), L, /*upper=*/false);
   // Right-hand sides transposed to rows so each solve runs over contiguous vectors.
-  at::Tensor Xt = R.to(L.scalar_type()).transpose(1, 2).contiguous();
+  // Always a fresh buffer: `.to()` / `.contiguous()` return R itself when n == 1 or C == 1, and the
+  // solve below works in place, so reusing them would overwrite the caller's right-hand sides.
+  at::Tensor Xt = at::empty({B, C, n}, L.options());
+  Xt.copy_(R.transpose(1, 2));
   const at::Tensor Lc = L.contiguous();
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cholesky_solve", [&] {
     scalar_t* x = Xt.data_ptr<scalar_t>();
