@@ -5,7 +5,8 @@ zero graph breaks, the compiled step matches the eager step (values and gradient
 with new values reuses the compiled graph.
 
 * LeNet training step: forward (two fused ReLU + 2×2 max-pools), cross-entropy, gradients, SGD update.
-* LD-RR meta-step: ``ridge_label_metagrad`` (``ridge_weights`` + the label meta-gradient through it).
+* LD-RR meta-step: ``ridge_label_metagrad`` (``ridge_weights`` + the label meta-gradient through it); its
+  torch.func gradient through the ridge solve runs eagerly (one graph break by design, see the test).
 * KRR-ST outer loss and its backward (``krr_predict``, gradient w.r.t. the support set).
 * Few-shot ridge head batched over tasks (``ridge_weights`` with a task batch dimension), loss and backward.
 * The ghost products (GraNd-style per-example norms and inner products), loss and backward.
@@ -42,16 +43,9 @@ F64 = dict(rtol=1e-10, atol=1e-12)
 COMPILE_BACKEND = os.environ.get("DDFAST_COMPILE_BACKEND", "aot_eager")
 
 
-# Cases that solve a ridge system wait on the ridge Functions (ddfast/ops/ridge_solve.py), which Dynamo cannot
-# trace yet with ``fullgraph=True``: their forward reads the factorization status on the host (``_factor``:
-# ``int(status)``, ``if status == 0``, the jitter loop; the output check ``bool(torch.isfinite(...))``) and
-# they override ``Function.apply`` (Dynamo only traces the stock ``apply``). The label / pool / autograd parts
-# of these steps trace without a break (the LeNet case; ``ridge_label_metagrad`` takes its gradient with
-# ``torch.func.grad_and_value``, not ``torch.autograd.grad``).
-RIDGE_NOT_TRACEABLE = pytest.mark.xfail(
-    strict=True, raises=(AssertionError, torch._dynamo.exc.TorchDynamoException),
-    reason="ridge_weights / krr_predict: a host sync on the factorization status (ridge_solve._factor) and a "
-           "custom Function.apply; graph breaks under torch.compile until the ridge forward is traceable")
+# The ridge cases trace because, while compiling, the ridge ops choose their backend once at trace time, check
+# the factorization status and the output on the device (``torch._assert_async``: no host sync) and apply
+# variants of their Functions without the forward-mode rule (ddfast/ops/ridge_solve.py ``_dispatch_apply``).
 
 
 # relu_max_pool2d traces only once its kernels are torch.ops.ddfast operators (the backend registry); a tree
@@ -140,7 +134,6 @@ def test_lenet_training_step(backend):
             torch.testing.assert_close(new_c[k], new_e[k], **F32)
 
 
-@RIDGE_NOT_TRACEABLE
 @pytest.mark.parametrize("backend", CPU)
 def test_ldrr_meta_step(backend):
     g = torch.Generator().manual_seed(0)
@@ -149,8 +142,13 @@ def test_ldrr_meta_step(backend):
     y = torch.softmax(torch.randn(N, C, generator=g), -1)
     yr = torch.randint(0, C, (M,), generator=g)
     w0 = 0.1 * torch.randn(d + 1, C, generator=g)
-    _explain(ldrr_step, zb, y, zr, yr, w0)
-    step = _compiled("ldrr")
+    # ridge_label_metagrad differentiates through the ridge solve with torch.func.grad_and_value: under a traced
+    # torch.func transform the ridge ops leave the graph (their kernels have no autograd formula of their own,
+    # so Dynamo would otherwise differentiate the forward's ops and silently drop the gradient); the step
+    # compiles with that one graph break and matches eager.
+    out = torch._dynamo.explain(ldrr_step)(zb, y, zr, yr, w0)
+    assert out.graph_break_count >= 1
+    step = torch.compile(ldrr_step, dynamic=False, backend=COMPILE_BACKEND)
     for _ in range(2):
         got, want = step(zb, y, zr, yr, w0), ldrr_step(zb, y, zr, yr, w0)
         for a, b in zip(got, want):
@@ -158,7 +156,6 @@ def test_ldrr_meta_step(backend):
         y, w0 = want[1], want[3]
 
 
-@RIDGE_NOT_TRACEABLE
 @pytest.mark.parametrize("backend", CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_krr_outer_loss_and_backward(backend, dtype):
@@ -178,7 +175,6 @@ def test_krr_outer_loss_and_backward(backend, dtype):
         zs = zs - 0.1 * zs_e.grad
 
 
-@RIDGE_NOT_TRACEABLE
 @pytest.mark.parametrize("backend", CPU)
 def test_fewshot_ridge_head_batched_over_tasks(backend):
     g = torch.Generator().manual_seed(0)
@@ -209,3 +205,23 @@ def test_ghost_products_loss_and_backward(backend):
         for a, b in zip(torch.autograd.grad(loss_c, (A, G, V)), torch.autograd.grad(loss_e, (A, G, V))):
             torch.testing.assert_close(a, b, **F32)
         A = (A + 0.1).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_compiled_func_grad_through_ridge_ops_matches_eager(backend):
+    """torch.func.grad over krr_predict / ridge_weights inside a compiled function: the exact gradient, never
+    a silently dropped one."""
+    g = torch.Generator().manual_seed(3)
+    zq, zs, ys = torch.randn(16, 8, generator=g), torch.randn(10, 8, generator=g), torch.randn(10, 3, generator=g)
+
+    def krr_grad(z):
+        return torch.func.grad(lambda t: krr_predict(zq, t, ys, 0.1, backend=backend).pow(2).mean())(z)
+
+    def ridge_grad(y):
+        return torch.func.grad(lambda t: ridge_weights(zs, t, 0.5, bias=True, backend=backend).pow(2).sum())(y)
+
+    for fn, arg in ((krr_grad, zs), (ridge_grad, ys)):
+        want = fn(arg)
+        got = torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)(arg)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, **F32)

@@ -61,6 +61,8 @@ def _with_status(W, L, aux, info):
 def _compiled_fwd(Z, Y, mu, primal, compute_w=True):
     # The C++ operator reports its status (0-d int tensor) with the outputs: no extra reduction.
     W, L, aux, info, status = torch.ops.ddfast.ridge_solve_fwd(Z, Y, mu, primal, compute_w)
+    if torch.compiler.is_compiling():  # no host sync while tracing: _factor checks the tensor on device
+        return W, L, aux, info, status
     return W, L, aux, info, int(status)
 
 
@@ -153,7 +155,19 @@ def _describe(Z, Y, bias, solve_dtype):
 
 def _select(backend, Z, Y, primal, bias, solve_dtype, op):
     """Backend for features Z (..., N, d) and targets Y (..., N, C) (see ddfast.dispatch)."""
-    return _backends.select_for(RIDGE_SOLVE, backend, _describe(Z, Y, bias, solve_dtype))
+    inputs = _describe(Z, Y, bias, solve_dtype)
+    if torch.compiler.is_compiling():
+        return _select_constant(backend, *(inputs[k] for k in _DESCRIBE_KEYS))
+    return _backends.select_for(RIDGE_SOLVE, backend, inputs)
+
+
+_DESCRIBE_KEYS = ("device", "dtype", "solve_dtype", "N", "d", "C", "primal")
+
+
+@torch.compiler.assume_constant_result
+def _select_constant(backend, *values):
+    """The selected backend; under torch.compile evaluated once at trace time (a constant of the graph)."""
+    return _backends.select_for(RIDGE_SOLVE, backend, dict(zip(_DESCRIBE_KEYS, values)))
 
 
 # --------------------------------------------------------------------------- jitter policy
@@ -162,6 +176,13 @@ def _select(backend, Z, Y, primal, bias, solve_dtype, op):
 def _factor(kernels, Z, Y, mu, primal, compute_w=True):
     """Run the fused forward; re-factor only failing members with escalating jitter (see ddfast.settings)."""
     W, L, aux, info, status = kernels.fwd(Z, Y, mu, primal, compute_w)
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph the status cannot steer Python: a failed factor (or a non-finite result)
+        # stops the step with an error instead of the eager path's jitter retries (docs/ops/ridge_solve.md).
+        torch._assert_async(torch.as_tensor(status == 0),
+                            "ridge solve: the regularised Gram is not positive definite or the result is not "
+                            "finite (compiled graphs skip the jitter retries; increase lam or run eagerly)")
+        return W, L, aux
     if status == 0:
         return W, L, aux
     if status == 2:
@@ -244,12 +265,38 @@ class _Function(torch.autograd.Function):
     ``custom_function_call`` under torch.func transforms)."""
 
     @classmethod
-    def apply(cls, *args):
+    def fast_apply(cls, *args):
         if _custom_function_call is None:
             return super().apply(*args)
         if not torch._C._are_functorch_transforms_active():
             return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
         return _custom_function_call(cls, *args)
+
+
+def _dispatch_apply(fn, traced):
+    """``fn.apply``: while torch.compile traces, the stock ``apply`` of a variant without the forward-mode
+    rule (Dynamo traces only the stock ``apply``, and no Function that defines ``jvp``; ``torch.func.jvp``
+    inside a compiled region is not supported); in eager mode the signature-binding-free ``fast_apply``."""
+
+    def apply(*args):
+        if torch.compiler.is_compiling():
+            if torch._C._are_functorch_transforms_active():
+                _leave_graph_under_transforms()
+            return traced.apply(*args)
+        return fn.fast_apply(*args)
+
+    return apply
+
+
+@torch.compiler.disable
+def _leave_graph_under_transforms():
+    """A torch.func transform traced by torch.compile differentiates the ops inside the Function's forward,
+    not through its backward, and the compiled kernels have no autograd formula of their own: a graph break
+    here makes Dynamo run the whole transform eagerly, where the Function's own backward applies."""
+
+
+def _traced_variant(fn):
+    return type(fn.__name__ + "Traced", (fn,), {"jvp": torch.autograd.Function.jvp, "__doc__": fn.__doc__})
 
 
 class _ThinMatmul(_Function):
@@ -276,15 +323,15 @@ class _ThinMatmul(_Function):
     def backward(ctx, G):
         A, X = ctx.saved_tensors
         dA = G @ X.mT if ctx.needs_input_grad[0] else None
-        dX = _ThinMatmul.apply(A.mT, G) if ctx.needs_input_grad[1] else None
+        dX = _applyThinMatmul(A.mT, G) if ctx.needs_input_grad[1] else None
         return dA, dX
 
     @staticmethod
     def jvp(ctx, dA, dX):
         A, X = ctx.saved_tensors
-        out = _ThinMatmul.apply(dA, X) if dA is not None else None
+        out = _applyThinMatmul(dA, X) if dA is not None else None
         if dX is not None:
-            out = _ThinMatmul.apply(A, dX) if out is None else out + _ThinMatmul.apply(A, dX)
+            out = _applyThinMatmul(A, dX) if out is None else out + _applyThinMatmul(A, dX)
         return out
 
 
@@ -341,7 +388,7 @@ class _CholSolve(_Function):
     def backward(ctx, gX):
         Z, mu, L, X = ctx.saved_tensors
         need_r, need_z, need_mu = ctx.needs_input_grad[:3]
-        gR = _CholSolve.apply(gX.to(L.dtype), Z, mu, L, ctx.primal, ctx.kernels)
+        gR = _applyCholSolve(gX.to(L.dtype), Z, mu, L, ctx.primal, ctx.kernels)
         dZ = dmu = None
         if need_z:
             S = gR @ X.mT
@@ -361,12 +408,12 @@ class _CholSolve(_Function):
             r = -dAX if r is None else r - dAX
         if r is None:
             return torch.zeros_like(X)
-        return _CholSolve.apply(r.to(L.dtype), Z, mu, L, ctx.primal, ctx.kernels)
+        return _applyCholSolve(r.to(L.dtype), Z, mu, L, ctx.primal, ctx.kernels)
 
     @staticmethod
     def vmap(info, in_dims, R, Z, mu, L, primal, kernels):
         R, Z, mu, L = _fold_vmap(info, in_dims[:4], R, Z, mu, L)
-        X = _CholSolve.apply(R.flatten(0, 1), Z.flatten(0, 1), mu.flatten(0, 1), L.flatten(0, 1), primal, kernels)
+        X = _applyCholSolve(R.flatten(0, 1), Z.flatten(0, 1), mu.flatten(0, 1), L.flatten(0, 1), primal, kernels)
         return X.unflatten(0, (info.batch_size, -1)), 0
 
 
@@ -375,7 +422,7 @@ def _ridge_weights_vjp(G, Zk, Yk, mu, L, primal, kernels, need_dz, need_dy, need
     sd, io = L.dtype, Zk.dtype
 
     def solve(R):
-        return _CholSolve.apply(R.to(sd), Zk, mu, L, primal, kernels)
+        return _applyCholSolve(R.to(sd), Zk, mu, L, primal, kernels)
 
     dZ = dY = dmu = None
     if not primal:
@@ -449,7 +496,7 @@ class RidgeWeightsFunction(_Function):
         Zs = Zk.to(sd)
 
         def solve(R):
-            return _CholSolve.apply(R.to(sd), Zk, mu, L, ctx.primal, ctx.kernels)
+            return _applyCholSolve(R.to(sd), Zk, mu, L, ctx.primal, ctx.kernels)
 
         if not ctx.primal:
             alpha = solve(Yk)
@@ -474,7 +521,7 @@ class RidgeWeightsFunction(_Function):
     @staticmethod
     def vmap(info, in_dims, Z, Y, mu, primal, bias, kernels):
         Z, Y, mu = _fold_vmap(info, in_dims[:3], Z, Y, mu)
-        W, L, aux = RidgeWeightsFunction.apply(Z, Y, mu.flatten(0, 1), primal, bias, kernels)
+        W, L, aux = _applyRidgeWeightsFunction(Z, Y, mu.flatten(0, 1), primal, bias, kernels)
         V = info.batch_size
         return (W, L.unflatten(0, (V, -1)), aux.unflatten(0, (V, -1))), (0, 0, 0)
 
@@ -516,7 +563,7 @@ class KrrPredictFunction(_Function):
         if torch.is_grad_enabled():  # differentiable: recompute α and K_qs as functions of the inputs
 
             def solve(R):
-                return _CholSolve.apply(R.to(sd), Zsk, mu, L, False, ctx.kernels)
+                return _applyCholSolve(R.to(sd), Zsk, mu, L, False, ctx.kernels)
 
             alpha, K_qs = solve(Ysk), Zqk @ Zsk.mT
         else:
@@ -557,7 +604,7 @@ class KrrPredictFunction(_Function):
                             _tangent_view(dYs, Ys, False))
 
         def solve(R):
-            return _CholSolve.apply(R.to(sd), Zsk, mu, L, False, ctx.kernels)
+            return _applyCholSolve(R.to(sd), Zsk, mu, L, False, ctx.kernels)
 
         alpha = solve(Ysk)
         r = dYsk.to(sd) if dYsk is not None else torch.zeros_like(alpha)
@@ -573,7 +620,7 @@ class KrrPredictFunction(_Function):
     @staticmethod
     def vmap(info, in_dims, Zq, Zs, Ys, mu, bias, kernels, out_dtype):
         Zq, Zs, Ys, mu = _fold_vmap(info, in_dims[:4], Zq, Zs, Ys, mu)
-        P, L, alpha, K = KrrPredictFunction.apply(Zq, Zs, Ys, mu.flatten(0, 1), bias, kernels, out_dtype)
+        P, L, alpha, K = _applyKrrPredictFunction(Zq, Zs, Ys, mu.flatten(0, 1), bias, kernels, out_dtype)
         V = info.batch_size
         return (P, L.unflatten(0, (V, -1)), alpha.unflatten(0, (V, -1)), K.unflatten(0, (V, -1))), (0, 0, 0, 0)
 
@@ -673,7 +720,13 @@ def _check_finite_output(out, named, op, check_finite=None):
     Checking the (small) output costs one reduction and one host sync; NaN/Inf inputs always reach it.
     Skipped with ``check_finite=False``, under ``torch.vmap`` and on the meta device.
     """
-    if not _checking(check_finite) or not can_sync(out, *(x for _, x in named)) or bool(torch.isfinite(out).all()):
+    if not _checking(check_finite):
+        return out
+    if torch.compiler.is_compiling():  # no host sync in a compiled graph: an on-device check
+        torch._assert_async(torch.isfinite(out).all(), f"{op}: non-finite result (NaN or Inf in "
+                            f"{', '.join(n for n, _ in named)}, or a failed solve; increase lam)")
+        return out
+    if not can_sync(out, *(x for _, x in named)) or bool(torch.isfinite(out).all()):
         return out
     _raise_if_nonfinite(named)
     raise NotPSDError(f"{op}: the solve produced non-finite values from finite inputs; increase lam")
@@ -759,7 +812,7 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
                                   out_dtype=out_dtype)
         else:
             mu = _mu(Z, lam, reg, detach_reg, bias, sd)
-            W = RidgeWeightsFunction.apply(Z, Y, mu, primal, bias, _KERNELS[name])[0]
+            W = _applyRidgeWeightsFunction(Z, Y, mu, primal, bias, _KERNELS[name])[0]
     except NotPSDError:
         _raise_if_nonfinite(named)
         raise
@@ -814,15 +867,15 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
         else:
             mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
             if od == Zs.dtype and (primal or d * C * (N + M) <= M * N * (d + C)):
-                W = RidgeWeightsFunction.apply(Zs, Ys, mu, primal, bias, _KERNELS[name])[0]
+                W = _applyRidgeWeightsFunction(Zs, Ys, mu, primal, bias, _KERNELS[name])[0]
                 if bias:
                     c = bias_value(bias)
                     w_b = W[..., -1:, :] if c == 1.0 else W[..., -1:, :] * math.sqrt(c)
-                    P = _ThinMatmul.apply(Zq, W[..., :-1, :]) + w_b
+                    P = _applyThinMatmul(Zq, W[..., :-1, :]) + w_b
                 else:
-                    P = _ThinMatmul.apply(Zq, W)
+                    P = _applyThinMatmul(Zq, W)
             else:
-                P = KrrPredictFunction.apply(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
+                P = _applyKrrPredictFunction(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
     except NotPSDError:
         _raise_if_nonfinite(named)
         raise
@@ -919,3 +972,9 @@ def krr_predict_from_gram(K_ss, K_qs, Y, lam, *, reg="absolute", detach_reg=Fals
         raise
     P = _check_finite_output(P, named, "krr_predict_from_gram", check_finite)
     return P.squeeze(-1) if vector else P
+
+
+_applyThinMatmul = _dispatch_apply(_ThinMatmul, _traced_variant(_ThinMatmul))
+_applyCholSolve = _dispatch_apply(_CholSolve, _traced_variant(_CholSolve))
+_applyRidgeWeightsFunction = _dispatch_apply(RidgeWeightsFunction, _traced_variant(RidgeWeightsFunction))
+_applyKrrPredictFunction = _dispatch_apply(KrrPredictFunction, _traced_variant(KrrPredictFunction))
