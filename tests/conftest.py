@@ -52,6 +52,15 @@ def backend_param(name):
     return pytest.param(name, marks=pytest.mark.skipif(not st["available"], reason=f"{name}: {st['reason']}"), id=name)
 
 
+def op_backend_params(op, *, reference=True):
+    """pytest params for every backend the registry declares for ``op`` (ddfast.dispatch.registered_ops), in
+    ``auto`` order; a new backend of an op is tested without editing the test files."""
+    from ddfast.dispatch import registered_ops
+
+    names = [b for b in registered_ops()[op] if reference or b != "reference"]
+    return [backend_param(b) for b in names]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -43,7 +43,7 @@ from ddfast.reference.ghost_products import (
     per_example_grads_ref,
 )
 
-from conftest import available_backends, backend_param
+from conftest import available_backends, backend_param, op_backend_params
 from contract import OpContract
 
 # (atol relative to max |ref|, rtol) per dtype, with the reason.
@@ -59,7 +59,7 @@ TOLERANCES = {
 # the whole network (a forward and a backward), so a looser floor than the kernel table.
 MODEL_TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=1e-4, rtol=2e-4)}
 
-KERNEL_BACKENDS = [backend_param("cpu"), backend_param("triton"), backend_param("cuda"), backend_param("reference")]
+KERNEL_BACKENDS = op_backend_params("ghost_products")
 
 
 def _device(backend):

@@ -15,7 +15,7 @@ import torch
 from ddfast import dispatch
 from ddfast.reference.label_metagrad import head_residual_ref, soft_cross_entropy
 
-from conftest import backend_param
+from conftest import backend_param, op_backend_params
 
 # (atol relative to max |ref|, rtol) per dtype, with the reason.
 TOLERANCES = {
@@ -62,7 +62,7 @@ CASES = [
 ]
 SMALL = [c for c in CASES if not c.big]
 
-BACKENDS = [backend_param("cpu"), backend_param("triton"), backend_param("cuda")]
+BACKENDS = op_backend_params("label_metagrad", reference=False)
 
 
 def _device(backend):

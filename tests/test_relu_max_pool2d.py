@@ -25,14 +25,14 @@ from ddfast.ops.relu_max_pool2d import NO_GRAD, ReluMaxPool2d, relu_max_pool2d, 
 from ddfast.reference.label_metagrad import label_metagrad_ref
 from ddfast.reference.relu_max_pool2d import lenet_forward_ref, relu_max_pool2d_ref
 
-from conftest import backend_param
+from conftest import backend_param, op_backend_params
 from contract import OpContract
 
 # Tolerances: none. Every output is a copy of an input element (or 0) and every gradient a copy of a
 # grad_out element (or 0): all backends must match the reference bit for bit, in every dtype (NaN
 # payloads and the sign of a NaN aside).
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-KERNEL_BACKENDS = [backend_param("cpu"), backend_param("triton"), backend_param("cuda")]
+KERNEL_BACKENDS = op_backend_params("relu_max_pool2d", reference=False)
 BACKENDS = KERNEL_BACKENDS + [backend_param("reference")]
 
 
