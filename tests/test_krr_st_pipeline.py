@@ -55,6 +55,14 @@ def test_cli_table_runs_on_a_tiny_budget(target_dir, tmp_path, capsys):
     for row in table.values():
         mean, std = row["digits"]
         assert 0.0 <= mean <= 100.0
+    # a subset of the rows (an ablation run's own row) gives the same numbers as the full table
+    js2 = str(tmp_path / "rows.json")
+    assert main(["krr-st-table", out, "--runs", "1", "--widths", "8", "16", "--pretrain-epochs", "2",
+                 "--finetune-steps", "3", "--target-train-size", "30", "--rows", "krr-st", "random",
+                 "--json", js2, "--no-progress"]) == 0
+    subset = json.load(open(js2))["transfer"]
+    assert set(subset) == {"Random", "KRR-ST"}
+    assert subset["KRR-ST"] == table["KRR-ST"] and subset["Random"] == table["Random"]
     # the linear-evaluation protocol (frozen trunk + linear head)
     assert main(["krr-st-table", out, "--runs", "1", "--widths", "8", "16", "--pretrain-epochs", "2",
                  "--protocol", "linear", "--linear-steps", "5", "--json", js, "--no-progress"]) == 0
@@ -70,6 +78,15 @@ def test_cli_kd_table_on_a_tiny_budget(target_dir, tmp_path, capsys):
     assert "data-free KD on digits" in text
     for row in ("Gaussian", "Random", "K-means", "KRR-ST"):
         assert row in text
+
+
+def test_transfer_rows_rejects_unknown_row_names(target_dir, tmp_path):
+    from ddfast.experiments.krr_st import transfer_rows
+
+    out = str(tmp_path / "run")
+    assert main(_distill_args(target_dir, out)) == 0
+    with pytest.raises(ValueError, match="rows: expected a non-empty subset"):
+        transfer_rows(out, rows=["KRR-ST"])
 
 
 def test_missing_target_checkpoint_names_the_command(tmp_path):

@@ -35,6 +35,8 @@ def add_parsers(sub) -> None:
     kt.add_argument("--kd-epochs", type=positive_int, default=None, help="student epochs on the surrogate images")
     kt.add_argument("--teacher-steps", type=positive_int, default=None, help="training steps of the KD teacher")
     kt.add_argument("--kd-only", action="store_true", help="only the data-free KD table (needs --kd)")
+    kt.add_argument("--rows", nargs="+", default=None, choices=["wo-pre", "random", "kmeans", "random-g", "krr-st"],
+                    help="transfer rows to run (default: all); e.g. an ablation run needs only krr-st")
     kt.add_argument("--json", default=None, help="write the results here")
     add_progress(kt)
     kt.set_defaults(handler=krr_st_table)
@@ -63,12 +65,20 @@ def add_parsers(sub) -> None:
     add_progress(et)
     et.set_defaults(handler=ead_table)
 
-    sl = sub.add_parser("softlabel-table", help="coresets vs distilled sets (DM, DC, TM) under hard and soft labels")
+    from ddfast.experiments.softlabel import REGIMES as SL_REGIMES, SETS as SL_SETS
+
+    sl = sub.add_parser("softlabel-table", help="coresets vs distilled sets (DM, DC, TM, DATM, SRe2L, DWA) under "
+                                                "hard labels, soft labels and soft labels + KD")
     sl.add_argument("--dataset", default="digits", help="real data set")
     sl.add_argument("--root", default=None, help="folder with the data set's files")
     sl.add_argument("--ipc", type=positive_int, nargs="+", default=[10, 50], help="images per class, one column each")
-    sl.add_argument("--sets", nargs="+", default=["random", "kcenters", "dm", "dc", "tm"],
-                    choices=["random", "kcenters", "dm", "dc", "tm"], help="sets compared, one row each")
+    sl.add_argument("--sets", nargs="+", default=list(SL_SETS), choices=list(SL_SETS),
+                    help="sets compared, one row each (default: all)")
+    sl.add_argument("--regimes", nargs="+", default=list(SL_REGIMES), choices=list(SL_REGIMES),
+                    help="evaluation regimes, one column group each: hl (hard labels), sl (fixed teacher soft "
+                         "labels), sl+kd (the teacher relabels every augmented view)")
+    sl.add_argument("--iterations", type=positive_int, default=None,
+                    help="iterations of every distiller (default: each one's CPU preset)")
     sl.add_argument("--models", type=positive_int, default=5, help="fresh models per cell")
     sl.add_argument("--budget", type=positive_int, default=None, help="training epochs per model (default 300)")
     sl.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sets and models")
@@ -136,7 +146,8 @@ def krr_st_table(args) -> int:
         settings.widths = tuple(args.widths)
     results, kd = {}, None
     if not args.kd_only:
-        results = transfer(args.run, args.targets, runs=args.runs, settings=settings, progress=not args.no_progress)
+        results = transfer(args.run, args.targets, runs=args.runs, settings=settings, progress=not args.no_progress,
+                           rows=args.rows)
         print()
         print(f"{args.run}: transfer test accuracy (%), {settings.protocol}, {settings.arch}, mean ± std over {args.runs} runs")
         print(format_transfer_table(results))
@@ -190,11 +201,13 @@ def ead_table(args) -> int:
 def softlabel_table(args) -> int:
     from ddfast.experiments.softlabel import format_softlabel_table, softlabel_table as run_table
 
-    table, teacher_acc = run_table(args.dataset, tuple(args.ipc), sets=tuple(args.sets), models=args.models,
-                                   seed=args.seed, out=args.out, budget=args.budget, progress=not args.no_progress,
-                                   root=args.root)
+    table, teacher_acc = run_table(args.dataset, tuple(args.ipc), sets=tuple(args.sets), regimes=tuple(args.regimes),
+                                   models=args.models, seed=args.seed, out=args.out, budget=args.budget,
+                                   progress=not args.no_progress, iterations=args.iterations, root=args.root,
+                                   log=lambda msg: print(msg, flush=True))
     print(f"{args.dataset}: test accuracy (%) of {args.models} fresh ConvNets per cell; teacher {teacher_acc:.2f}%")
-    print(format_softlabel_table(table, args.ipc))
+    print(format_softlabel_table(table, args.ipc, tuple(args.regimes)))
+    print(f"results: {os.path.join(args.out, f'softlabel-{args.dataset}.json')}")
     return 0
 
 

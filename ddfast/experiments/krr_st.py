@@ -28,7 +28,7 @@ from ddfast.evaluate.train import mean_std
 from ddfast.runs import dataset_identity, dataset_spec, file_identity, maybe_run_folder, verify_run
 from ddfast.ssl.barlow_twins import encode
 
-__all__ = ["PRESETS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "settings_for_run", "transfer_rows",
+__all__ = ["PRESETS", "ROW_KEYS", "preset", "load_source", "distill", "load_distilled", "PretrainSet", "settings_for_run", "transfer_rows",
            "transfer", "kd_table"]
 
 # CPU-scale defaults per source data set (the paper's settings are KRRSTConfig's defaults, §4.1). With
@@ -208,8 +208,26 @@ def settings_for_run(settings, meta: dict):
     return settings
 
 
-def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str | None = None) -> dict:
-    """The pre-training sets of the transfer table for one KRR-ST run (name → :class:`PretrainSet`)."""
+ROW_KEYS = {"wo-pre": "w/o pre", "random": "Random", "kmeans": "K-means", "random-g": "Random+g_φ", "krr-st": "KRR-ST"}
+
+
+def _check_rows(rows):
+    if rows is None:
+        return None
+    rows = list(rows)
+    bad = [r for r in rows if r not in ROW_KEYS]
+    if bad or not rows:
+        raise ValueError(f"rows: expected a non-empty subset of {sorted(ROW_KEYS)}, got {rows}")
+    return [ROW_KEYS[r] for r in rows]
+
+
+def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str | None = None, rows=None) -> dict:
+    """The pre-training sets of the transfer table for one KRR-ST run (name → :class:`PretrainSet`).
+
+    ``rows``: keys of :data:`ROW_KEYS` (``wo-pre``, ``random``, ``kmeans``, ``random-g``, ``krr-st``) to build
+    only those rows (e.g. an ablation run needs only its own ``krr-st`` row); None builds all of them.
+    """
+    wanted = _check_rows(rows)
     from ddfast.evaluate.transfer import pretrain_classification, pretrain_regression
     from ddfast.select import kmeans_select, random_select
 
@@ -225,15 +243,23 @@ def transfer_rows(run_dir: str, *, settings=None, kmeans: bool = True, root: str
         x, y = ds.train_x[idx], ds.train_y[idx]
         return PretrainSet(x, lambda seed: pretrain_classification(x, y, ds.num_classes, settings, seed))
 
-    rows = {"w/o pre": PretrainSet(None, lambda seed: None),
-            "Random": labelled(random_select(ds.train_x.shape[0], m, seed0 + 1))}
-    if kmeans:
-        rows["K-means"] = labelled(kmeans_select(encode(target, ds.train_x), m, seed0))
-    x_init = ds.train_x[tensors["init_indices"]]
-    y_init = encode(target, x_init)
-    rows["Random+g_φ"] = PretrainSet(x_init, lambda seed: pretrain_regression(x_init, y_init, settings, seed))
-    rows["KRR-ST"] = PretrainSet(x_s, lambda seed: pretrain_regression(x_s, y_s, settings, seed))
-    return rows
+    def want(name):
+        return wanted is None or name in wanted
+
+    out = {}
+    if want("w/o pre"):
+        out["w/o pre"] = PretrainSet(None, lambda seed: None)
+    if want("Random"):
+        out["Random"] = labelled(random_select(ds.train_x.shape[0], m, seed0 + 1))
+    if kmeans and want("K-means"):
+        out["K-means"] = labelled(kmeans_select(encode(target, ds.train_x), m, seed0))
+    if want("Random+g_φ"):
+        x_init = ds.train_x[tensors["init_indices"]]
+        y_init = encode(target, x_init)
+        out["Random+g_φ"] = PretrainSet(x_init, lambda seed: pretrain_regression(x_init, y_init, settings, seed))
+    if want("KRR-ST"):
+        out["KRR-ST"] = PretrainSet(x_s, lambda seed: pretrain_regression(x_s, y_s, settings, seed))
+    return out
 
 
 def _targets(names, image_size, channels, roots=None):
@@ -247,7 +273,7 @@ def _targets(names, image_size, channels, roots=None):
 
 
 def transfer(run_dir: str, targets=None, *, runs: int = 3, settings=None, progress: bool = False,
-             root: str | None = None):
+             root: str | None = None, rows=None):
     """Transfer table (krr-st-selfsup Tables 1–3 at CPU scale): method → target → (mean, std) test accuracy."""
     from ddfast.evaluate.transfer import transfer_table
 
@@ -256,8 +282,8 @@ def transfer(run_dir: str, targets=None, *, runs: int = 3, settings=None, progre
     names = targets or preset(meta["dataset"])["targets"]
     src = load_source(meta["dataset"], meta["image_size"], root)
     tds = _targets(names, meta["image_size"], src.channels)
-    rows = transfer_rows(run_dir, settings=settings, root=root)
-    return transfer_table(rows, tds, settings, runs=runs, progress=progress)
+    sets = transfer_rows(run_dir, settings=settings, root=root, rows=rows)
+    return transfer_table(sets, tds, settings, runs=runs, progress=progress)
 
 
 def kd_table(run_dir: str, target: str, *, runs: int = 3, settings=None, progress: bool = False,
