@@ -10,7 +10,7 @@ from ddfast.experiments.softlabel import format_softlabel_table, softlabel_table
 def test_table_runs_every_set_and_regime(tmp_path):
     out = str(tmp_path / "sl")
     table, teacher_acc = softlabel_table("digits", ipcs=(2,), sets=("random", "kcenters", "dm", "dc", "tm"),
-                                         models=1, budget=2, iterations=1, out=out)
+                                         regimes=("hl", "sl"), models=1, budget=2, iterations=1, out=out)
     assert teacher_acc > 80.0
     for name in ("random", "kcenters", "dm", "dc", "tm"):
         for regime in ("hl", "sl"):
@@ -20,9 +20,12 @@ def test_table_runs_every_set_and_regime(tmp_path):
     assert "K-Centers" in text and "SL IPC 2" in text
     assert os.path.exists(os.path.join(out, "dm-ipc2-seed0.safetensors"))
     with open(os.path.join(out, "softlabel-digits.json")) as f:
-        assert set(json.load(f)) == {"random", "kcenters", "dm", "dc", "tm"}
+        stored = json.load(f)
+    assert set(stored["table"]) == {"random", "kcenters", "dm", "dc", "tm"}
+    assert stored["teacher_accuracy"] == teacher_acc
     # cached distilled sets are reused
-    table2, _ = softlabel_table("digits", ipcs=(2,), sets=("dm",), models=1, budget=2, iterations=1, out=out)
+    table2, _ = softlabel_table("digits", ipcs=(2,), sets=("dm",), regimes=("hl", "sl"), models=1, budget=2,
+                                iterations=1, out=out)
     assert table2["dm"][2]["hl"].accuracies == table["dm"][2]["hl"].accuracies
 
 
