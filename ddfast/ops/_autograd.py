@@ -10,6 +10,17 @@
 * :func:`check_finite` — NaN / Inf checks that name the argument and work under ``torch.func``
   transforms (the check reads the unwrapped value: every batch member) and ``torch.compile``
   (``torch._assert_async``: no graph break, a ``RuntimeError`` naming the argument).
+
+The torch.compile pattern every op follows (one copy, here):
+
+* :func:`select_backend` — the dispatch choice (:func:`ddfast.dispatch.select_for`); while torch.compile
+  traces, evaluated once at trace time through ``torch.compiler.assume_constant_result`` (a constant of the
+  graph, so the Python branch on the backend name does not break it).
+* :func:`compile_apply` — an autograd.Function's ``apply``: in eager mode the Function itself (through
+  :meth:`FastFunction.fast_apply` when it derives from :class:`FastFunction`); while torch.compile traces,
+  a variant without the forward-mode rule (Dynamo traces no Function that defines ``jvp``, and
+  ``torch.func.jvp`` inside a compiled region is not supported); optionally, under a traced ``torch.func``
+  transform, a graph break, so the transform runs eagerly through the Function's own derivatives.
 """
 
 from __future__ import annotations
@@ -18,19 +29,101 @@ from collections.abc import Mapping
 
 import torch
 
+from ddfast import dispatch as _dispatch
 from ddfast.errors import HigherOrderUnsupportedError
 
 __all__ = [
+    "FastFunction",
     "HigherOrderUnsupportedError",
     "batch_first",
     "check_class_indices",
     "check_finite",
+    "compile_apply",
     "first_order_only",
     "may_need_derivative",
+    "select_backend",
+    "traced_variant",
     "unwrap_value",
 ]
 
 
+# --------------------------------------------------------------------------- torch.compile pattern
+
+
+def select_backend(op, backend: str, inputs: Mapping) -> str:
+    """The backend that runs ``op`` (an :class:`ddfast.dispatch.OpSpec` or a registered name) for the
+    requested ``backend`` on inputs described by ``inputs`` (:func:`ddfast.dispatch.select_for`).
+
+    While torch.compile traces, the choice is made once at trace time and becomes a constant of the graph:
+    the values of ``inputs`` must then be Python constants (device, dtype, ints, bools, strings)."""
+    if torch.compiler.is_compiling():
+        name = op if isinstance(op, str) else op.name
+        return _select_constant(name, backend, tuple(inputs), *inputs.values())
+    return _dispatch.select_for(op, backend, inputs)
+
+
+@torch.compiler.assume_constant_result
+def _select_constant(op, backend, keys, *values):
+    return _dispatch.select_for(op, backend, dict(zip(keys, values)))
+
+
+try:  # torch's own apply() binds the arguments with inspect.signature on every call (~25 µs each)
+    from torch._functorch.autograd_function import custom_function_call as _custom_function_call
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - other torch versions: the stock apply
+    _custom_function_call = None
+
+
+class FastFunction(torch.autograd.Function):
+    """An autograd.Function whose ``fast_apply`` takes every argument positionally and skips the per-call
+    signature binding of ``torch.autograd.Function.apply`` (the same two paths: plain autograd, or
+    ``custom_function_call`` under torch.func transforms). Eager mode only: torch.compile traces ``apply``."""
+
+    @classmethod
+    def fast_apply(cls, *args):
+        if _custom_function_call is None:
+            return cls.apply(*args)
+        if not torch._C._are_functorch_transforms_active():
+            return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+        return _custom_function_call(cls, *args)
+
+
+def traced_variant(fn: type) -> type:
+    """``fn`` as torch.compile sees it: the same forward, backward (double backward included), setup_context
+    and vmap rule, without the forward-mode rule."""
+    return type(fn.__name__ + "Traced", (fn,), {"jvp": torch.autograd.Function.jvp, "__doc__": fn.__doc__,
+                                                "__module__": fn.__module__})
+
+
+def compile_apply(fn: type, *, eager_under_transforms: bool = False):
+    """``fn.apply`` for eager mode and torch.compile alike (see the module docstring); arguments positional.
+
+    ``eager_under_transforms``: a torch.func transform over ``fn`` traced by torch.compile breaks the graph
+    and runs eagerly (for Functions whose traced forward Dynamo would differentiate op by op, with kernels
+    that have no autograd formula of their own); otherwise Dynamo traces the transform through ``fn``."""
+    traced = traced_variant(fn)
+    eager = fn.fast_apply if issubclass(fn, FastFunction) else fn.apply
+
+    def apply(*args):
+        if torch.compiler.is_compiling():
+            if eager_under_transforms and torch._C._are_functorch_transforms_active():
+                _leave_graph_under_transforms()
+            return traced.apply(*args)
+        return eager(*args)
+
+    apply.__name__ = apply.__qualname__ = f"apply_{fn.__name__}"
+    apply.__doc__ = f"{fn.__name__}.apply, usable under torch.compile (ddfast.ops._autograd.compile_apply)."
+    return apply
+
+
+@torch.compiler.disable
+def _leave_graph_under_transforms():
+    """A torch.func transform traced by torch.compile differentiates the ops inside a Function's forward,
+    not through its backward, and the compiled kernels have no autograd formula of their own: a graph break
+    here makes Dynamo run the whole transform eagerly, where the Function's own backward applies."""
+
+
+# --------------------------------------------------------------------------- first-order guards
 
 
 class _FirstOrderOnly(torch.autograd.Function):

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ddfast import dispatch as _backends
 from ddfast.ops._autograd import batch_first as _batch_first
+from ddfast.ops._autograd import compile_apply, select_backend
 from ddfast.reference.ghost_products import (
     ghost_bilinear_ref,
     ghost_inner_ref,
@@ -355,29 +356,15 @@ class GhostInnerFunction(torch.autograd.Function):
         return torch.stack([GhostInnerFunction.apply(*(x[b] for x in xs), ghost, kernels) for b in range(B)]), 0
 
 
-class _GhostBilinearTraced(GhostBilinearFunction):
-    """The Functions as ``torch.compile`` sees them: no forward-mode rule (Dynamo traces no Function that
-    defines ``jvp``); forward, backward (double backward included) and vmap as above."""
-
-    jvp = torch.autograd.Function.jvp
-
-
-class _GhostNormsTraced(GhostNormsFunction):
-    jvp = torch.autograd.Function.jvp
+# The Functions' apply for eager mode and torch.compile (ddfast.ops._autograd.compile_apply).
+_apply_bilinear = compile_apply(GhostBilinearFunction)
+_apply_norms = compile_apply(GhostNormsFunction)
+_apply_inner = compile_apply(GhostInnerFunction)
 
 
-class _GhostInnerTraced(GhostInnerFunction):
-    jvp = torch.autograd.Function.jvp
-
-
-def _fn(eager, traced):
-    return traced if torch.compiler.is_compiling() else eager
-
-
-@torch.compiler.assume_constant_result
 def _backend_name(backend, device, dtype, op):
-    """The selected backend; under torch.compile evaluated once at trace time (a constant of the graph)."""
-    return _select(backend, device, dtype, op)
+    """The selected backend; under torch.compile a constant of the graph (``select_backend``)."""
+    return select_backend(GHOST_PRODUCTS, backend, {"device": device, "dtype": dtype})
 
 
 def _sum_terms(terms, n, like):
@@ -414,7 +401,7 @@ def ghost_bilinear(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, *, backend
     name = _backend_name(backend, A.device, A.dtype, "ghost_bilinear")
     if name == "reference":
         return ghost_bilinear_ref(A, G, V)
-    return _fn(GhostBilinearFunction, _GhostBilinearTraced).apply(A, G, V, _KERNELS[name])
+    return _apply_bilinear(A, G, V, _KERNELS[name])
 
 
 def ghost_norms(A: torch.Tensor, G: torch.Tensor, *, algorithm: str = "auto", backend: str = "auto") -> torch.Tensor:
@@ -434,7 +421,7 @@ def ghost_norms(A: torch.Tensor, G: torch.Tensor, *, algorithm: str = "auto", ba
     name = _backend_name(backend, A.device, A.dtype, "ghost_norms")
     if name == "reference":
         return ghost_norms_ref(A, G)
-    return _fn(GhostNormsFunction, _GhostNormsTraced).apply(A, G, ghost, _KERNELS[name])
+    return _apply_norms(A, G, ghost, _KERNELS[name])
 
 
 def ghost_inner(
@@ -471,7 +458,7 @@ def ghost_inner(
     name = _backend_name(backend, A1.device, A1.dtype, "ghost_inner")
     if name == "reference":
         return ghost_inner_ref(A1, G1, A2, G2)
-    return _fn(GhostInnerFunction, _GhostInnerTraced).apply(A1, G1, A2, G2, ghost, _KERNELS[name])
+    return _apply_inner(A1, G1, A2, G2, ghost, _KERNELS[name])
 
 
 # --------------------------------------------------------------------------- model level

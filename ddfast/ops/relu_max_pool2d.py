@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ddfast import dispatch as _backends
+from ddfast.ops._autograd import compile_apply, select_backend
 from ddfast.reference.relu_max_pool2d import relu_max_pool2d_ref
 
 __all__ = [
@@ -184,21 +185,16 @@ class ReluMaxPool2dBackward(torch.autograd.Function):
         return ReluMaxPool2dBackward.apply(g, k, kernels, H, W, channels_last).unflatten(0, (B, -1)), 0
 
 
-class _ReluMaxPool2dTraced(ReluMaxPool2dFunction):
-    """:class:`ReluMaxPool2dFunction` as ``torch.compile`` sees it: the same forward, backward (double
-    backward included) and vmap rule, without the forward-mode rule (Dynamo traces no Function that defines
-    ``jvp``; ``torch.func.jvp`` inside a compiled region is not supported)."""
-
-    jvp = torch.autograd.Function.jvp
+# The Function's apply for eager mode and torch.compile (ddfast.ops._autograd.compile_apply).
+_apply_relu_max_pool2d = compile_apply(ReluMaxPool2dFunction)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-@torch.compiler.assume_constant_result
 def _backend_name(backend, device, dtype):
-    """The selected backend; under torch.compile evaluated once at trace time (a constant of the graph)."""
-    return _select(backend, device, dtype)
+    """The selected backend; under torch.compile a constant of the graph (``select_backend``)."""
+    return select_backend(RELU_MAX_POOL2D, backend, {"device": device, "dtype": dtype})
 
 
 def _check_input(x) -> None:
@@ -231,8 +227,7 @@ def relu_max_pool2d(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     name = _backend_name(backend, x.device, x.dtype)
     if name == "reference":
         return relu_max_pool2d_ref(x)
-    fn = _ReluMaxPool2dTraced if torch.compiler.is_compiling() else ReluMaxPool2dFunction
-    return fn.apply(x, _KERNELS[name])[0]
+    return _apply_relu_max_pool2d(x, _KERNELS[name])[0]
 
 
 class ReluMaxPool2d(nn.Module):

@@ -30,6 +30,7 @@ import torch
 from ddfast import dispatch as _backends
 from ddfast import settings
 from ddfast.errors import NotPSDError, NumericalWarning
+from ddfast.ops._autograd import FastFunction, compile_apply, select_backend
 from ddfast.reference.ridge_solve import (
     REGULARIZERS,
     append_bias,
@@ -155,19 +156,7 @@ def _describe(Z, Y, bias, solve_dtype):
 
 def _select(backend, Z, Y, primal, bias, solve_dtype, op):
     """Backend for features Z (..., N, d) and targets Y (..., N, C) (see ddfast.dispatch)."""
-    inputs = _describe(Z, Y, bias, solve_dtype)
-    if torch.compiler.is_compiling():
-        return _select_constant(backend, *(inputs[k] for k in _DESCRIBE_KEYS))
-    return _backends.select_for(RIDGE_SOLVE, backend, inputs)
-
-
-_DESCRIBE_KEYS = ("device", "dtype", "solve_dtype", "N", "d", "C", "primal")
-
-
-@torch.compiler.assume_constant_result
-def _select_constant(backend, *values):
-    """The selected backend; under torch.compile evaluated once at trace time (a constant of the graph)."""
-    return _backends.select_for(RIDGE_SOLVE, backend, dict(zip(_DESCRIBE_KEYS, values)))
+    return select_backend(RIDGE_SOLVE, backend, _describe(Z, Y, bias, solve_dtype))
 
 
 # --------------------------------------------------------------------------- jitter policy
@@ -252,54 +241,7 @@ def _mm_thin(A, X):
     return (X.mT @ A.mT).mT
 
 
-try:  # torch's own apply() binds the arguments with inspect.signature on every call (~25 µs each)
-    from torch._functorch.autograd_function import custom_function_call as _custom_function_call
-    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
-except ImportError:  # pragma: no cover - other torch versions: the stock apply
-    _custom_function_call = None
-
-
-class _Function(torch.autograd.Function):
-    """An autograd.Function whose ``apply`` takes every argument positionally and skips the per-call
-    signature binding of ``torch.autograd.Function.apply`` (same two paths: plain autograd, or
-    ``custom_function_call`` under torch.func transforms)."""
-
-    @classmethod
-    def fast_apply(cls, *args):
-        if _custom_function_call is None:
-            return super().apply(*args)
-        if not torch._C._are_functorch_transforms_active():
-            return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
-        return _custom_function_call(cls, *args)
-
-
-def _dispatch_apply(fn, traced):
-    """``fn.apply``: while torch.compile traces, the stock ``apply`` of a variant without the forward-mode
-    rule (Dynamo traces only the stock ``apply``, and no Function that defines ``jvp``; ``torch.func.jvp``
-    inside a compiled region is not supported); in eager mode the signature-binding-free ``fast_apply``."""
-
-    def apply(*args):
-        if torch.compiler.is_compiling():
-            if torch._C._are_functorch_transforms_active():
-                _leave_graph_under_transforms()
-            return traced.apply(*args)
-        return fn.fast_apply(*args)
-
-    return apply
-
-
-@torch.compiler.disable
-def _leave_graph_under_transforms():
-    """A torch.func transform traced by torch.compile differentiates the ops inside the Function's forward,
-    not through its backward, and the compiled kernels have no autograd formula of their own: a graph break
-    here makes Dynamo run the whole transform eagerly, where the Function's own backward applies."""
-
-
-def _traced_variant(fn):
-    return type(fn.__name__ + "Traced", (fn,), {"jvp": torch.autograd.Function.jvp, "__doc__": fn.__doc__})
-
-
-class _ThinMatmul(_Function):
+class _ThinMatmul(FastFunction):
     """P = A @ X for a thin X (c = targets columns), every product in the fast orientation.
 
     Autograd's own backward of A @ X forms ∂X = AᵀG as a thin-output GEMM, the slow layout (one thread,
@@ -364,7 +306,7 @@ def _dA_times(Z, X, dZ, dmu, primal):
     return out
 
 
-class _CholSolve(_Function):
+class _CholSolve(FastFunction):
     """X = A⁻¹R for A = ZZᵀ+μI (dual) or ZᵀZ+μI (primal), given A's saved lower Cholesky factor L.
 
     R [B, n, k] and μ [B] in the solve dtype (L's), Z [B, N, d] in the input dtype. Differentiable to
@@ -448,7 +390,7 @@ def _ridge_weights_vjp(G, Zk, Yk, mu, L, primal, kernels, need_dz, need_dy, need
     return dZ, dY, dmu
 
 
-class RidgeWeightsFunction(_Function):
+class RidgeWeightsFunction(FastFunction):
     """W = Zᵀ(ZZᵀ+μI)⁻¹Y (dual) or (ZᵀZ+μI)⁻¹ZᵀY (primal).
 
     Z (..., N, d), Y (..., N, C), μ (B,) with B the flattened batch; ``bias`` appends the ones column
@@ -526,7 +468,7 @@ class RidgeWeightsFunction(_Function):
         return (W, L.unflatten(0, (V, -1)), aux.unflatten(0, (V, -1))), (0, 0, 0)
 
 
-class KrrPredictFunction(_Function):
+class KrrPredictFunction(FastFunction):
     """P = (Zq Zsᵀ) α, α = (ZsZsᵀ+μI)⁻¹Ys: the dual form with the query Gram K_qs formed explicitly.
 
     Used when K_qs is cheaper than going through W = Zsᵀα (many targets C, few queries M), or when the
@@ -974,7 +916,7 @@ def krr_predict_from_gram(K_ss, K_qs, Y, lam, *, reg="absolute", detach_reg=Fals
     return P.squeeze(-1) if vector else P
 
 
-_applyThinMatmul = _dispatch_apply(_ThinMatmul, _traced_variant(_ThinMatmul))
-_applyCholSolve = _dispatch_apply(_CholSolve, _traced_variant(_CholSolve))
-_applyRidgeWeightsFunction = _dispatch_apply(RidgeWeightsFunction, _traced_variant(RidgeWeightsFunction))
-_applyKrrPredictFunction = _dispatch_apply(KrrPredictFunction, _traced_variant(KrrPredictFunction))
+_applyThinMatmul = compile_apply(_ThinMatmul, eager_under_transforms=True)
+_applyCholSolve = compile_apply(_CholSolve, eager_under_transforms=True)
+_applyRidgeWeightsFunction = compile_apply(RidgeWeightsFunction, eager_under_transforms=True)
+_applyKrrPredictFunction = compile_apply(KrrPredictFunction, eager_under_transforms=True)
