@@ -5,8 +5,9 @@ zero graph breaks, the compiled step matches the eager step (values and gradient
 with new values reuses the compiled graph.
 
 * LeNet training step: forward (two fused ReLU + 2×2 max-pools), cross-entropy, gradients, SGD update.
-* LD-RR meta-step: ``ridge_label_metagrad`` (``ridge_weights`` + the label meta-gradient through it); its
-  torch.func gradient through the ridge solve runs eagerly (one graph break by design, see the test).
+* LD-RR meta-step: ``ridge_label_metagrad`` (the ridge solve and the closed-form label meta-gradient from
+  the same factor), then an SGD step on the soft labels; also with the default input checks, which compile
+  to on-device assertions.
 * KRR-ST outer loss and its backward (``krr_predict``, gradient w.r.t. the support set).
 * Few-shot ridge head batched over tasks (``ridge_weights`` with a task batch dimension), loss and backward.
 * The ghost products (GraNd-style per-example norms and inner products), loss and backward.
@@ -135,25 +136,54 @@ def test_lenet_training_step(backend):
 
 
 @pytest.mark.parametrize("backend", CPU)
-def test_ldrr_meta_step(backend):
+@pytest.mark.parametrize("dtype, N, d, target", [(torch.float32, 10, 12, "hard"), (torch.float64, 20, 6, "soft")],
+                         ids=["float32-dual-hard", "float64-primal-soft"])
+def test_ldrr_meta_step(backend, dtype, N, d, target):
+    """The label gradient is a closed form through the ridge kernel's factor (no torch.func transform): the
+    whole step is one graph, equal to eager, and a second call with new values reuses it."""
     g = torch.Generator().manual_seed(0)
-    N, d, C, M = 10, 12, 4, 16
-    zb, zr = torch.randn(N, d, generator=g), torch.randn(M, d, generator=g)
-    y = torch.softmax(torch.randn(N, C, generator=g), -1)
-    yr = torch.randint(0, C, (M,), generator=g)
-    w0 = 0.1 * torch.randn(d + 1, C, generator=g)
-    # ridge_label_metagrad differentiates through the ridge solve with torch.func.grad_and_value: under a traced
-    # torch.func transform the ridge ops leave the graph (their kernels have no autograd formula of their own,
-    # so Dynamo would otherwise differentiate the forward's ops and silently drop the gradient); the step
-    # compiles with that one graph break and matches eager.
-    out = torch._dynamo.explain(ldrr_step)(zb, y, zr, yr, w0)
-    assert out.graph_break_count >= 1
-    step = torch.compile(ldrr_step, dynamic=False, backend=COMPILE_BACKEND)
+    C, M = 4, 16
+    zb, zr = torch.randn(N, d, generator=g, dtype=dtype), torch.randn(M, d, generator=g, dtype=dtype)
+    y = torch.softmax(torch.randn(N, C, generator=g, dtype=dtype), -1)
+    yr = (torch.randint(0, C, (M,), generator=g) if target == "hard"
+          else torch.softmax(torch.randn(M, C, generator=g, dtype=dtype), -1))
+    w0 = 0.1 * torch.randn(d + 1, C, generator=g, dtype=dtype)
+    _explain(ldrr_step, zb, y, zr, yr, w0)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    step = torch.compile(ldrr_step, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+    tol = F64 if dtype == torch.float64 else F32
     for _ in range(2):
         got, want = step(zb, y, zr, yr, w0), ldrr_step(zb, y, zr, yr, w0)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **F32)
+            torch.testing.assert_close(a, b, **tol)
+        assert want[1].ne(y).any()
         y, w0 = want[1], want[3]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def ldrr_checked_step(z_base, y_soft, z_real, y_real, w_prev):
+    """LD-RR label step with the default input checks (``check_finite=None``, on by default)."""
+    return ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, pseudo_lr=0.1, lam=0.5)
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_ldrr_meta_step_with_finiteness_checks(backend):
+    """The input checks become on-device assertions in the graph: no graph break, and a NaN input still stops the
+    step with a message naming it."""
+    g = torch.Generator().manual_seed(1)
+    zb, zr = torch.randn(6, 5, generator=g), torch.randn(8, 5, generator=g)
+    y, yr = torch.softmax(torch.randn(6, 3, generator=g), -1), torch.randint(0, 3, (8,), generator=g)
+    w0 = 0.1 * torch.randn(6, 3, generator=g)
+    _explain(ldrr_checked_step, zb, y, zr, yr, w0)
+    step = torch.compile(ldrr_checked_step, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+    for a, b in zip(step(zb, y, zr, yr, w0), ldrr_checked_step(zb, y, zr, yr, w0)):
+        torch.testing.assert_close(a, b, **F32)
+    bad = zr.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="z_real: contains NaN or Inf"):
+        step(zb, y, bad, yr, w0)
 
 
 @pytest.mark.parametrize("backend", CPU)

@@ -14,9 +14,10 @@ JVP at θ over the base batch; no double backward. For a model split as ``featur
 softmax residual (``label_metagrad_bwd``); the inner residual pᵢ 1ᵀỹᵢ − ỹᵢ and the inner loss come
 from ``label_metagrad_fwd``.
 
-RR (``ridge_label_metagrad``, Algorithm 1, eq. 2–3): W_l = ridge_weights(Z̃, ỹ, λ), global weights
-W = (1−α)W_prev + αW_l, outer loss on real features; the label gradient flows back through the ridge
-op, whose backward reuses the forward's Cholesky factor.
+RR (``ridge_label_metagrad``, Algorithm 1, eq. 2–3): W_l = Z̃ᵀ(Z̃Z̃ᵀ + λI)⁻¹ỹ, global weights
+W = (1−α)W_prev + αW_l, outer loss on real features; the label gradient has the closed form
+∂L_out/∂ỹ = α(Z̃Z̃ᵀ + λI)⁻¹Z̃ ∂L_out/∂W, computed by the ridge kernel's backward from the forward's
+Cholesky factor (no autograd graph, no torch.func transform: it compiles with fullgraph=True).
 
 Equivalent PyTorch: ``ddfast.reference.label_metagrad.label_metagrad_ref`` (``create_graph=True``).
 """
@@ -35,6 +36,13 @@ from ddfast import dispatch as _backends
 from ddfast.network_passes import autocast, check_op_precision
 from ddfast.ops._autograd import batch_first, check_class_indices, first_order_only
 from ddfast.ops._autograd import check_finite as _check_finite
+from ddfast.errors import NotPSDError
+from ddfast.ops.ridge_solve import _KERNELS as _RIDGE_KERNELS
+from ddfast.ops.ridge_solve import _check_finite_output, _checking, _kernel_view, _raise_if_nonfinite
+from ddfast.ops.ridge_solve import _factor as _ridge_factor
+from ddfast.ops.ridge_solve import _mu as _ridge_mu
+from ddfast.ops.ridge_solve import _select as _ridge_select
+from ddfast.ops.ridge_solve import _validate as _ridge_validate
 from ddfast.ops.ridge_solve import ridge_weights
 from ddfast.reference.label_metagrad import label_meta_loss_ref, label_metagrad_ref, outer_loss
 from ddfast.reference.ridge_solve import ridge_weights_ref
@@ -453,22 +461,110 @@ def ridge_logits(z, w, scale=1.0, bias=True):
     return scale * (z @ w)
 
 
+_IGNORE_INDEX = -100  # F.cross_entropy's default: rows holding this class index are left out of the mean
+
+
+def _outer_loss_and_logit_grad(logits, y_real):
+    """``outer_loss(logits, y_real)`` and its gradient with respect to the logits, in closed form.
+
+    Class indices y: (softmax(z) − onehot(y)) / M', M' the rows whose index is not ``-100`` (the rows
+    ``F.cross_entropy`` averages over; none: the loss is NaN and the gradient zero, as autograd gives).
+    Soft targets t: (softmax(z)·Σ_c t_c − t) / M (the targets are not renormalised, as in
+    :func:`ddfast.losses.soft_cross_entropy`).
+    """
+    loss = outer_loss(logits, y_real)
+    p = torch.softmax(logits, dim=-1)
+    if y_real.is_floating_point():
+        t = y_real.to(p.dtype)
+        return loss, (p * t.sum(-1, keepdim=True) - t) / y_real.shape[0]
+    y = y_real.long()
+    keep = y != _IGNORE_INDEX
+    onehot = torch.zeros_like(p).scatter_(-1, torch.where(keep, y, 0).unsqueeze(-1), 1.0)
+    weight = keep.to(p.dtype) / keep.sum().clamp(min=1).to(p.dtype)  # all ignored: gradient 0, as autograd
+    return loss, (p - onehot) * weight.unsqueeze(-1)
+
+
+def _ridge_weight_grad(g_logits, z_real, scale, bias):
+    """∂L_out/∂W = scale · [z, 1]ᵀ ∂L_out/∂logits, ``[d(+1), C]`` (zᵀG formed as (Gᵀz)ᵀ: a thin output)."""
+    gw = (g_logits.mT @ z_real.to(g_logits.dtype)).mT
+    if bias:
+        gw = torch.cat([gw, g_logits.sum(0, keepdim=True)], dim=0)
+    return scale * gw
+
+
+def _ridge_label_metagrad_fused(kernels, z_base, y_soft, z_real, y_real, w_prev, alpha, lam, scale, bias):
+    """The LD-RR label step in closed form: one factorisation of the ridge system serves both solves.
+
+    Forward: the fused ridge kernel factors A (N×N, or the d×d primal system when d < N) and returns W_l.
+    Label gradient: the ridge kernel's backward with only ∂Y asked, ∂Y = A⁻¹Z̃G (dual) or Z̃H⁻¹G (primal)
+    for G = α ∂L_out/∂W, through the saved factor (no autograd graph, no torch.func transform).
+    """
+    Zk, Yk = _kernel_view(z_base, bias), _kernel_view(y_soft, False)  # [1, N, d(+1)], [1, N, C]
+    primal = Zk.shape[-1] < Zk.shape[-2]
+    mu = _ridge_mu(z_base, lam, "absolute", False, bias, z_base.dtype)
+    W_l, L, aux = _ridge_factor(kernels, Zk, Yk, mu, primal)
+    w_local = W_l.reshape(W_l.shape[-2:])
+    w = (1.0 - alpha) * w_prev + alpha * w_local
+    loss, g_logits = _outer_loss_and_logit_grad(ridge_logits(z_real, w, scale, bias), y_real)
+    G = (alpha * _ridge_weight_grad(g_logits, z_real, scale, bias)).to(Zk.dtype)
+    _, dY, _ = kernels.bwd(G.unsqueeze(0), Zk, Yk, L, aux, primal, False, True, False)
+    return loss, dY.reshape(y_soft.shape), w_local, w
+
+
+def _ridge_label_metagrad_autodiff(solve, z_base, y_soft, z_real, y_real, w_prev, alpha, scale, bias):
+    """The same quantities by differentiating the ridge solve with ``torch.func.grad_and_value`` (the truth the
+    closed form is tested against; also the path under an enclosing torch.func transform)."""
+
+    def outer(y):
+        w_local = solve(z_base, y)
+        w = (1.0 - alpha) * w_prev + alpha * w_local
+        return outer_loss(ridge_logits(z_real, w, scale, bias), y_real), (w_local, w)
+
+    # The labels go in as a private copy, so nothing working in place can reach the caller's tensor.
+    with torch.enable_grad():
+        grad, (loss, (w_local, w)) = torch.func.grad_and_value(outer, has_aux=True)(y_soft.clone())
+    return loss.detach(), grad, w_local.detach(), w.detach()
+
+
+def _check_inputs_finite(named):
+    """ValueError naming the first input holding NaN / Inf (one host sync each); inside a compiled graph an
+    on-device assertion with the same message instead (no host sync, no graph break)."""
+    if torch.compiler.is_compiling():
+        for name, x in named:
+            torch._assert_async(torch.isfinite(x).all(), f"{name}: contains NaN or Inf")
+        return
+    _raise_if_nonfinite(named)
+
+
 def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.01, lam=1.0, scale=1.0, bias=True,
                          check_finite=None, backend="auto"):
     """LD-RR label step (Algorithm 1, lines 9–11): ``(L_out, ∂L_out/∂ỹ, W_l, W)``.
 
-        W_l = [Z̃,1]ᵀ([Z̃,1][Z̃,1]ᵀ + λI)⁻¹ ỹ        (eq. 3)
-        W   = (1−α) W_prev + α W_l                   (pseudo-gradient)
+        W_l = Z̃ᵀ A⁻¹ ỹ,   A = Z̃Z̃ᵀ + λI,   Z̃ = [Z, 1] (bias) or Z          (eq. 3)
+        W   = (1−α) W_prev + α W_l                                         (pseudo-gradient)
         L_out = CE(scale · [z, 1] W, y)
+        ∂L_out/∂ỹ = α A⁻¹ Z̃ G_W,   G_W = ∂L_out/∂W = scale · [z, 1]ᵀ ∂L_out/∂logits
 
-    Features are treated as constants (the labels' gradient only); ``W`` is returned detached. The
-    fused path differentiates through ``ridge_weights``, whose backward reuses the forward's factor.
-    Shapes: z_base ``[N, d]``, y_soft ``[N, C]``, z_real ``[M, d]``, y_real ``[M]``/``[M, C]``,
-    w_prev ``[d(+1), C]``. ``check_finite``: NaN/Inf in any input raises a ValueError naming it (one host
-    sync per input); ``False`` skips the checks in hot loops, None follows ``ddfast.settings.check_finite``.
+    ∂L_out/∂logits is (softmax − onehot(y))/M for class indices (rows labelled -100 left out, as in
+    ``F.cross_entropy``) and (softmax·Σ_c t_c − t)/M for soft targets t. The fused path computes the
+    whole step in closed form: the ridge kernel factors A once (or the d×d system H = Z̃ᵀZ̃ + λI when
+    d+1 < N, where ∂L_out/∂ỹ = α Z̃ H⁻¹ G_W, the same value) and its backward reuses the factor for the
+    label gradient; no autograd graph, no torch.func transform, so ``torch.compile(fullgraph=True)``
+    traces it with no graph break. ``backend="reference"`` differentiates
+    :func:`ddfast.reference.ridge_solve.ridge_weights_ref` with ``torch.func.grad_and_value`` (so does an
+    enclosing torch.func transform, through the fused ridge op's autograd rules).
+
+    Features are treated as constants (the labels' gradient only); the outputs carry no graph.
+    Shapes: z_base ``[N, d]``, y_soft ``[N, C]`` (z_base's dtype), z_real ``[M, d]``, y_real ``[M]`` class
+    indices (int64/int32) or ``[M, C]`` soft targets, w_prev ``[d(+1), C]``; all on one device. Returns the
+    scalar L_out, ∂L_out/∂ỹ ``[N, C]``, W_l and W ``[d(+1), C]``. ``check_finite``: NaN/Inf in any input
+    raises a ValueError naming it (one host sync per input; in a compiled graph an on-device assertion, a
+    RuntimeError with the same message); ``False`` skips the checks in hot loops, None follows
+    ``ddfast.settings.check_finite``. backend: "auto" | "fused" | "cpu" | "triton" | "cuda" |
+    "reference" (the ridge solve's backends).
+    Equivalent PyTorch: ``torch.func.grad`` of ``outer_loss`` through
+    ``ddfast.reference.ridge_solve.ridge_weights_ref`` (``backend="reference"``).
     """
-    from ddfast.ops.ridge_solve import _checking, _raise_if_nonfinite
-
     for name, x in (("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("y_real", y_real), ("w_prev", w_prev)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -489,22 +585,41 @@ def ridge_label_metagrad(z_base, y_soft, z_real, y_real, w_prev, *, pseudo_lr=0.
     d = z_base.shape[1] + int(bias)
     if tuple(w_prev.shape) != (d, y_soft.shape[1]):
         raise ValueError(f"w_prev: expected [{d}, {y_soft.shape[1]}], got {tuple(w_prev.shape)}")
-    if y_real.shape[0] != z_real.shape[0]:
-        raise ValueError(f"y_real: expected {z_real.shape[0]} rows like z_real, got shape {tuple(y_real.shape)}")
+    M, C = z_real.shape[0], y_soft.shape[1]
+    if y_real.dim() < 1 or y_real.shape[0] != M:
+        raise ValueError(f"y_real: expected {M} rows like z_real, got shape {tuple(y_real.shape)}")
+    if y_real.dtype not in (torch.int64, torch.int32) + _FLOATS:
+        raise TypeError(f"y_real: expected int64/int32 class indices or float32/float64 soft targets, "
+                        f"got {y_real.dtype}")
+    if tuple(y_real.shape) != ((M, C) if y_real.is_floating_point() else (M,)):
+        raise ValueError(f"y_real: expected class indices [{M}] or soft targets [{M}, {C}], "
+                         f"got {y_real.dtype} {tuple(y_real.shape)}")
+    for name, x in (("z_real", z_real), ("y_real", y_real), ("w_prev", w_prev)):
+        if x.device != z_base.device:
+            raise ValueError(f"{name}: expected device {z_base.device} like z_base, got {x.device}")
+    # dtype / device / emptiness of the ridge system, lam against the solve dtype, check_finite's type.
+    _ridge_validate([("z_base", z_base), ("y_soft", y_soft)], lam, "absolute", None, check_finite=check_finite)
     if _checking(check_finite):
-        _raise_if_nonfinite([("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("w_prev", w_prev)]
-                            + ([("y_real", y_real)] if y_real.is_floating_point() else []))
-
-    def outer(y):
-        if backend == "reference":
-            w_local = ridge_weights_ref(z_base.detach(), y, lam, bias=bias)
-        else:
-            w_local = ridge_weights(z_base.detach(), y, lam, bias=bias, check_finite=check_finite, backend=backend)
-        w = (1.0 - pseudo_lr) * w_prev.detach() + pseudo_lr * w_local
-        return outer_loss(ridge_logits(z_real.detach(), w, scale, bias), y_real), (w_local, w)
-
-    # torch.func (not autograd.grad on a fresh leaf): traceable by torch.compile with no graph break. The
-    # labels go in as a private copy, so no kernel working in place can reach the caller's tensor.
-    with torch.enable_grad():
-        grad, (loss, (w_local, w)) = torch.func.grad_and_value(outer, has_aux=True)(y_soft.detach().clone())
-    return loss.detach(), grad, w_local.detach(), w.detach()
+        _check_inputs_finite([("z_base", z_base), ("y_soft", y_soft), ("z_real", z_real), ("w_prev", w_prev)]
+                             + ([("y_real", y_real)] if y_real.is_floating_point() else []))
+    alpha, lam, scale = float(pseudo_lr), float(lam), float(scale)
+    z_base, y_soft, z_real, y_real, w_prev = (x.detach() for x in (z_base, y_soft, z_real, y_real, w_prev))
+    name = _ridge_select(backend, z_base, y_soft, d < z_base.shape[0], bias, z_base.dtype, "ridge_weights")
+    if name == "reference":
+        return _ridge_label_metagrad_autodiff(lambda z, y: ridge_weights_ref(z, y, lam, bias=bias), z_base, y_soft,
+                                              z_real, y_real, w_prev, alpha, scale, bias)
+    if torch._C._are_functorch_transforms_active():  # e.g. vmap over label sets: the ridge op's own rules
+        return _ridge_label_metagrad_autodiff(
+            lambda z, y: ridge_weights(z, y, lam, bias=bias, check_finite=check_finite, backend=name),
+            z_base, y_soft, z_real, y_real, w_prev, alpha, scale, bias)
+    named = [("z_base", z_base), ("y_soft", y_soft), ("lam", lam)]
+    try:
+        with torch.no_grad():
+            loss, grad, w_local, w = _ridge_label_metagrad_fused(_RIDGE_KERNELS[name], z_base, y_soft, z_real, y_real,
+                                                                 w_prev, alpha, lam, scale, bias)
+    except NotPSDError:
+        _raise_if_nonfinite(named)
+        raise
+    if name != "cpu":  # the C++ kernel reports a non-finite W itself (as in ridge_weights)
+        w_local = _check_finite_output(w_local, named, "ridge_label_metagrad", check_finite)
+    return loss, grad, w_local, w
