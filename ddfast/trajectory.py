@@ -546,7 +546,7 @@ def train_trajectory(
 
             net = DistributedDataParallel(model, process_group=process_group)
         generator = torch.Generator().manual_seed(int(seed))
-        perm = torch.arange(n)
+        perm = torch.arange(n, device="cpu")  # host indices, as the randperm draws below
         step, checkpoints, seconds = 0, [], 0.0
         if state is not None:
             model.load_state_dict(state["model"])
@@ -590,7 +590,7 @@ def train_trajectory(
 
             bar = tqdm(total=total_steps, initial=step, desc=f"trajectory {arch}", unit="step", dynamic_ncols=True)
         model.train()
-        loss_sum, loss_count = torch.zeros((), dtype=torch.float64), 0
+        loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=x.device), 0
         t0 = time.perf_counter()
         try:
             while step < total_steps:

@@ -79,11 +79,13 @@ class ImageDistiller(Distiller):
         self._init_run(cfg.seed, process_group)
         self.init_indices = balanced_subset(y, cfg.ipc, seed=cfg.seed, num_classes=self.num_classes)
         if getattr(cfg, "init", "real") == "noise":
-            images = torch.randn((self.init_indices.numel(),) + tuple(x.shape[1:]), generator=self.generator, dtype=x.dtype)
+            # drawn on the CPU generator (the same noise on every device), then moved to the data's device
+            images = torch.randn((self.init_indices.numel(),) + tuple(x.shape[1:]), generator=self.generator,
+                                 dtype=x.dtype).to(x.device)
         else:
             images = x[self.init_indices].clone()
         self.images = images.requires_grad_(True)
-        self.labels = torch.arange(self.num_classes).repeat_interleave(cfg.ipc)
+        self.labels = torch.arange(self.num_classes, device=x.device).repeat_interleave(cfg.ipc)
         self.image_opt = torch.optim.SGD([self.images], lr=cfg.lr_images, momentum=0.5)
         self.iteration = 0
 

@@ -181,7 +181,7 @@ class DCDistiller(ImageDistiller):
 
     def step(self) -> dict:
         cfg = self.config
-        net = fresh_network(self.make_model, self.generator, self.x.dtype)
+        net = fresh_network(self.make_model, self.generator, self.x.dtype, self.x.device)
         net.train()
         net_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         losses, net_loss = [], float("nan")

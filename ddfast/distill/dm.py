@@ -81,13 +81,14 @@ def check_pair(x_syn, y_syn, x_real, y_real) -> None:
         raise ValueError(f"y_real: no real examples of synthetic classes {missing}")
 
 
-def fresh_network(make_model: Callable[[], nn.Module], generator: torch.Generator, dtype) -> nn.Module:
-    """A randomly initialised network whose weights are fixed by a seed drawn from ``generator``."""
+def fresh_network(make_model: Callable[[], nn.Module], generator: torch.Generator, dtype, device=None) -> nn.Module:
+    """A randomly initialised network whose weights are fixed by a seed drawn from ``generator`` (initialised
+    by the CPU generator, then moved to ``device`` when given: the same weights on every device)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = make_model()
-    return net.to(dtype)
+    return net.to(device=device, dtype=dtype)
 
 
 def dm_loss(x_syn: torch.Tensor, y_syn: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor, net: nn.Module,
@@ -164,7 +165,7 @@ class DMDistiller(ImageDistiller):
 
     def step(self) -> dict:
         cfg = self.config
-        net = fresh_network(self.make_model, self.generator, self.x.dtype)
+        net = fresh_network(self.make_model, self.generator, self.x.dtype, self.x.device)
         net.train()
         net.requires_grad_(False)
         x_real, y_real = self.sample_real()

@@ -149,7 +149,7 @@ class EffectAlignmentDistiller(Distiller):
         if momentum > 0:
             warnings.warn(f"trajectory: trained with SGD momentum {momentum}; EAD's derivation assumes plain SGD "
                           "checkpoints (train the trajectory with momentum=0)", UserWarning, stacklevel=2)
-        self.model = trajectory.build_model().to(x.dtype)
+        self.model = trajectory.build_model().to(device=x.device, dtype=x.dtype)
         trajectory.check_model(self.model)
         self.model.eval()  # BatchNorm uses the checkpoints' statistics; ConvNet/MLP have none
         self.num_classes = int(self.model(x[:1]).shape[-1])
@@ -188,8 +188,8 @@ class EffectAlignmentDistiller(Distiller):
         """θ_t in the passes' memory format; cached in memory with ``cache_checkpoints`` (read once)."""
         state = self._checkpoint_cache.get(t)
         if state is None:
-            state = {k: prepare_images(v, self.passes) if v.is_floating_point() else v
-                     for k, v in self.trajectory.load(t).items()}
+            state = {k: v.to(self.x.device) for k, v in self.trajectory.load(t).items()}  # stored on the CPU
+            state = {k: prepare_images(v, self.passes) if v.is_floating_point() else v for k, v in state.items()}
             if self.config.cache_checkpoints:
                 self._checkpoint_cache[t] = state
         return state

@@ -148,6 +148,17 @@ def outer_loss(features: nn.Module, x_syn, y_syn, x_real, y_real, *, lam: float 
     return F.mse_loss(pred, y_real)
 
 
+def _cpu_tree(tree):
+    """``tree`` (nested dicts / lists of tensors, an optimizer state) with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _cpu_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_tree(v) for v in tree)
+    return tree
+
+
 class ModelPool:
     """The pool M = {(ω_i, W_i, t_i)} of Algorithm 1 with its SGD optimisers.
 
@@ -214,7 +225,9 @@ class ModelPool:
             for i, (model, opt) in enumerate(zip(self.models, self.optimizers)):
                 owner = i % dist.world_size
                 dist.broadcast_(list(model.state_dict().values()), src=owner)
-                opt_state = dist.broadcast_object(opt.state_dict() if dist.rank == owner else None, src=owner)
+                # pickled with CPU tensors (a CUDA tensor would unpickle onto the owner's device index);
+                # load_state_dict moves the state onto this rank's parameters' device
+                opt_state = dist.broadcast_object(_cpu_tree(opt.state_dict()) if dist.rank == owner else None, src=owner)
                 if dist.rank != owner:
                     opt.load_state_dict(opt_state)
 
@@ -302,7 +315,7 @@ class KRRSTDistiller(Distiller):
             raise ValueError("train_targets: g_φ(X_t) has non-finite values")
         self.passes = PassOptions.of(config)
         self.x_train = prepare_images(x_train, self.passes)  # converted once: X_t never changes
-        self.train_targets = train_targets.to(x_train.dtype)
+        self.train_targets = train_targets.to(device=x_train.device, dtype=x_train.dtype)
         self.out_dim = train_targets.shape[1]
         c, h = x_train.shape[1], x_train.shape[-1]
         options = {"widths": config.widths, "norm": config.norm} if config.arch == "convnet" else {}
@@ -316,7 +329,8 @@ class KRRSTDistiller(Distiller):
         if config.init == "target":
             y0 = self.train_targets[self.init_indices].clone()
         else:
-            y0 = torch.randn(config.m, self.out_dim, generator=self.generator, dtype=x_train.dtype)
+            # drawn on the CPU generator (the same Y_s on every device), then moved to the data's device
+            y0 = torch.randn(config.m, self.out_dim, generator=self.generator, dtype=x_train.dtype).to(x_train.device)
         self.targets = y0.requires_grad_(True)
         self.optimizer = torch.optim.AdamW([self.images, self.targets], lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0,
@@ -327,7 +341,7 @@ class KRRSTDistiller(Distiller):
         self.step_count = 0
 
     def make_model(self) -> nn.Module:
-        return prepare_model(self._make_net().to(self.x_train.dtype), self.passes)
+        return prepare_model(self._make_net().to(device=self.x_train.device, dtype=self.x_train.dtype), self.passes)
 
     # ------------------------------------------------------------------ Algorithm 1
 
@@ -349,7 +363,7 @@ class KRRSTDistiller(Distiller):
         x_real = self.x_train[real]
         if cfg.real_augment:  # the whole batch's draws, so that they do not depend on the number of ranks
             x_real = random_crop_flip(x_real, self.generator, padding=max(1, x_real.shape[-1] // 8), flip=True)
-        rows = torch.arange(real.numel())
+        rows = torch.arange(real.numel(), device=real.device)  # host indices, like the draw
         if self.dist.active:  # this rank's rows of the real batch
             rows, weight = self._real_rows(rows)
         x_real = x_real[rows]

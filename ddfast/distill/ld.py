@@ -219,7 +219,7 @@ class LabelDistiller(Distiller):
         self.method = f"LD {config.variant}"
         self._outer = None  # distributed: (global real-batch size, this rank's weight n_local / N)
         dtype = base_images.dtype
-        self.labels = torch.full((n, num_classes), 1.0 / num_classes, dtype=dtype)
+        self.labels = torch.full((n, num_classes), 1.0 / num_classes, dtype=dtype, device=base_images.device)
         self.labels.requires_grad_(True)
         self.label_opt = torch.optim.Adam([self.labels], lr=config.lr)
         self.epoch = 0  # completed epochs
@@ -239,7 +239,7 @@ class LabelDistiller(Distiller):
         net = self._make_net()
         if self.config.variant == "rr":
             net = RidgeClassifier.from_model(net)
-        return prepare_model(net.to(self.base_images.dtype), self.passes)
+        return prepare_model(net.to(device=self.base_images.device, dtype=self.base_images.dtype), self.passes)
 
     def _fresh_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
@@ -456,7 +456,7 @@ class LabelDistiller(Distiller):
                 net = factory()
                 if self.config.variant == "rr":
                     net = RidgeClassifier.from_model(net)
-                return net.to(self.base_images.dtype)
+                return net.to(device=self.base_images.device, dtype=self.base_images.dtype)
 
             out[name] = evaluate_labels(make, self.base_images, result.soft_labels, x_test, y_test, settings, models, seed)
         return out
@@ -559,7 +559,7 @@ class LabelDistiller(Distiller):
         self.best_val_acc, self.best_steps = c["best_val_acc"], c["best_steps"]
         self.best_calibration, self.seconds = c["best_calibration"], c["seconds"]
         self.steps_list = [int(s) for s in state["steps_list"]]
-        self.best_labels = state["best_labels"].clone()
+        self.best_labels = state["best_labels"].to(self.labels.device, copy=True)
         self.history = json.loads(state["history"])
         self._dist_synced = False
 

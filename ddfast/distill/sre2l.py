@@ -294,7 +294,7 @@ def train_teacher(data, epochs: int = 15, num_classes: int | None = None, make_m
         model = build_model("convnet", x.shape[1], num_classes, x.shape[-1], widths=(16, 32), norm="batch")
     else:
         model = make_model()
-    model = model.to(x.dtype)
+    model = model.to(device=x.device, dtype=x.dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     n = x.shape[0]
@@ -327,7 +327,7 @@ def train_teacher(data, epochs: int = 15, num_classes: int | None = None, make_m
 
 def _fingerprint(model: nn.Module) -> float:
     with torch.no_grad():
-        return float(sum((v.double() * (i + 1)).sum() for i, v in enumerate(model.state_dict().values())
+        return float(sum((v.detach().cpu().double() * (i + 1)).sum() for i, v in enumerate(model.state_dict().values())
                          if v.is_floating_point()))
 
 
@@ -374,7 +374,7 @@ class SRe2LDistiller(ImageDistiller):
             teacher = train_teacher((x, y), epochs=cfg.teacher_epochs, num_classes=self.num_classes,
                                     make_model=make_model, seed=cfg.seed)
         _bn_layers(teacher)
-        self.teacher = copy.deepcopy(teacher).to(x.dtype).eval()
+        self.teacher = copy.deepcopy(teacher).to(device=x.device, dtype=x.dtype).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher_fingerprint = _fingerprint(self.teacher)

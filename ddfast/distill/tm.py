@@ -293,7 +293,7 @@ class TMDistiller(ImageDistiller):
             if None not in want and tuple(x.shape[1:]) != want:
                 raise ValueError(f"train x: images {tuple(x.shape[1:])}, the experts take {want}")
         self._init_synthetic(x, y, num_classes, process_group)
-        self.model = self.model.to(x.dtype)
+        self.model = self.model.to(device=x.device, dtype=x.dtype)
         if cfg.correct_init or cfg.soft_labels:
             final = self.model
             final.load_state_dict(self.trajectories[0].final())
@@ -313,7 +313,7 @@ class TMDistiller(ImageDistiller):
             self.soft_labels = logits.clone().requires_grad_(True)
             self.label_opt = torch.optim.SGD([self.soft_labels], lr=cfg.lr_labels, momentum=0.5)
         lr0 = math.log(cfg.lr_teacher) if cfg.lr_parameterisation == "log" else cfg.lr_teacher
-        self.lr_param = torch.tensor(lr0, dtype=x.dtype).requires_grad_(cfg.learn_lr)
+        self.lr_param = torch.tensor(lr0, dtype=x.dtype, device=x.device).requires_grad_(cfg.learn_lr)
         self.lr_opt = torch.optim.SGD([self.lr_param], lr=cfg.lr_lr, momentum=0.5) if cfg.learn_lr else None
 
     def checkpoints_per_epoch(self) -> float:
