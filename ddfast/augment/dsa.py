@@ -120,11 +120,13 @@ def apply_dsa(x: torch.Tensor, params: DSAParams) -> torch.Tensor:
         return x * keep[:, None].to(x)
     if family == "flip":
         return torch.where(v["flip"].view(b, 1, 1, 1), x.flip(3), x).contiguous()
+    # the affine maps are built from the host parameters (no device-to-host copy), then moved
+    host = {k: t.expand(b) if t.shape[0] == 1 else t for k, t in params.values.items()}
     theta = torch.zeros(b, 2, 3)
     if family == "scale":
-        theta[:, 0, 0], theta[:, 1, 1] = v["sx"].cpu(), v["sy"].cpu()
+        theta[:, 0, 0], theta[:, 1, 1] = host["sx"], host["sy"]
     elif family == "rotate":
-        angle = v["angle"].cpu()
+        angle = host["angle"]
         theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
         theta[:, 1, 0], theta[:, 1, 1] = angle.sin(), angle.cos()
     else:

@@ -217,7 +217,8 @@ def _augmenter(kind: str, settings: RegimeSettings, data: ImageDataset):
         scale = tuple(settings.rrc_scale)
         return lambda x, g: random_resized_crop(x, g, scale=scale, flip=flip)
     padding = settings.crop_padding if settings.crop_padding is not None else max(1, data.image_size // 8)
-    fill = -torch.tensor(data.mean) / torch.tensor(data.std)  # a black pixel in normalised units
+    # a black pixel in normalised units (a host constant: the crop moves it to the images' device)
+    fill = -torch.tensor(data.mean, device="cpu") / torch.tensor(data.std, device="cpu")
     return lambda x, g: random_crop_flip(x, g, padding=padding, flip=flip, fill=fill)
 
 

@@ -99,12 +99,15 @@ def train_on_labels(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
-    """Top-1 accuracy (%) of ``model`` on (x, y)."""
+    """Top-1 accuracy (%) of ``model`` on (x, y); batches move to the model's device (a test set may stay on
+    the CPU while the model runs on a GPU)."""
     was = model.training
     model.eval()
+    dev = next((p.device for p in model.parameters()), x.device)
     correct = 0
     for s in range(0, x.shape[0], batch_size):
-        correct += (model(x[s : s + batch_size]).argmax(-1) == y[s : s + batch_size]).sum().item()
+        xb, yb = x[s : s + batch_size].to(dev), y[s : s + batch_size].to(dev)
+        correct += (model(xb).argmax(-1) == yb).sum().item()
     model.train(was)
     return 100.0 * correct / max(x.shape[0], 1)
 
@@ -144,12 +147,13 @@ def evaluate_labels(
     models: int = 20,
     seed: int = 0,
 ) -> EvalResult:
-    """Train ``models`` fresh models (seeds seed, seed+1, …) on (x, y); test accuracy of each (§4.1)."""
+    """Train ``models`` fresh models (seeds seed, seed+1, …) on (x, y); test accuracy of each (§4.1).
+    Each model is initialised on the CPU RNG and trained on ``x``'s device."""
     out = EvalResult()
     for k in range(models):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + k)
-            model = make_model()
+            model = make_model().to(x.device)
         g = torch.Generator().manual_seed(seed + k)
         train_on_labels(model, x, y, settings, g)
         out.accuracies.append(accuracy(model, x_test, y_test))
@@ -174,7 +178,7 @@ def choose_steps(
     scores = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_model()
+        model = make_model().to(x.device)
     run = TrainSettings(**{**settings.__dict__, "steps": int(max(grid))})
     train_on_labels(model, x, y, run, torch.Generator().manual_seed(seed),
                     callback=lambda step, m: scores.__setitem__(step, accuracy(m, x_val, y_val)), callback_steps=grid)

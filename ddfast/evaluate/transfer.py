@@ -431,7 +431,7 @@ def _train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
 
 def _pixel_zero(target: ImageDataset) -> torch.Tensor:
     """A black pixel in normalised units (the padding value of the official crop, applied before normalising)."""
-    return -torch.tensor(target.mean) / torch.tensor(target.std)
+    return -torch.tensor(target.mean, device="cpu") / torch.tensor(target.std, device="cpu")  # moved by the crop
 
 
 def _target_shape(target: ImageDataset) -> tuple[int, int, int]:
@@ -444,7 +444,7 @@ def finetune_model(pretrained: nn.Module | None, target: ImageDataset, settings:
     shape = _target_shape(target)
     if pretrained is not None:
         _check_compatible(pretrained, shape, f"target {target.name!r}")
-    device = next(pretrained.parameters()).device if pretrained is not None else torch.device("cpu")
+    device = next(pretrained.parameters()).device if pretrained is not None else target.train_x.device
     model = _fresh_student(pretrained, shape, target.num_classes, settings, seed, device)
     x, y = target_subset(target, settings.target_train_size, settings.target_subset_seed)
     generator = torch.Generator().manual_seed(seed)
@@ -479,7 +479,7 @@ def linear_eval(pretrained: nn.Module | None, target: ImageDataset, settings: Tr
     shape = _target_shape(target)
     if pretrained is not None:
         _check_compatible(pretrained, shape, f"target {target.name!r}")
-    device = next(pretrained.parameters()).device if pretrained is not None else torch.device("cpu")
+    device = next(pretrained.parameters()).device if pretrained is not None else target.train_x.device
     model = _fresh_student(pretrained, shape, target.num_classes, settings, seed, device).eval()
 
     def feats(x):
@@ -547,7 +547,7 @@ def train_teacher(target: ImageDataset, settings: TransferSettings, seed: int = 
     set with the fine-tuning recipe for ``teacher_steps`` steps (§4.2). Parameters are frozen."""
     arch = settings.teacher_arch or settings.arch
     shape = _target_shape(target)
-    model = _new_model(arch, _model_options(arch, settings), shape, target.num_classes, seed, torch.device("cpu"))
+    model = _new_model(arch, _model_options(arch, settings), shape, target.num_classes, seed, target.train_x.device)
     generator = torch.Generator().manual_seed(seed)
     _train_classifier(model, target.train_x, target.train_y, settings.teacher_steps, settings, generator,
                       target.channels, _pixel_zero(target))

@@ -30,7 +30,7 @@ def _loss_fn(name, data, traj, seed, repeats):
         c, h = x.shape[1], x.shape[-1]
         g = torch.Generator().manual_seed(seed)
         nets = [fresh_network(lambda: build_model("convnet", c, data.num_classes, h, widths=(64, 128), norm="instance"),
-                              g, x.dtype) for _ in range(repeats)]
+                              g, x.dtype, x.device) for _ in range(repeats)]
 
         def loss(images, labels):
             with torch.no_grad():

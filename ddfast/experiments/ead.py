@@ -221,7 +221,7 @@ def evaluate_set(make_model, images, targets, data, settings: TrainSettings, mod
         x, t = subsets(k) if subsets is not None else (images, targets)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + k)
-            model = make_model()
+            model = make_model().to(x.device)
         train_on_labels(model, x, t, settings, torch.Generator().manual_seed(seed + k))
         out.accuracies.append(accuracy(model, x_eval, y_eval))
     return out

@@ -208,7 +208,7 @@ def encode(target, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         target.eval()
     with torch.no_grad():
         if x.shape[0] == 0:
-            return torch.zeros(0, target.out_dim)
+            return torch.zeros(0, target.out_dim, device=x.device)
         return torch.cat([target(x[s : s + batch_size]).float() for s in range(0, x.shape[0], batch_size)])
 
 
@@ -333,6 +333,8 @@ def train_barlow_twins(
         torch.manual_seed(seed)
         encoder = build_encoder(arch, channels, image_size, widths=widths, width=width)
         proj = build_projector(encoder.out_dim, projector)
+    encoder.to(x_all.device)  # initialised on the CPU RNG (the same weights on every device), then moved
+    proj.to(x_all.device)
     encoder.to(memory_format=torch.channels_last)  # faster oneDNN convolutions and norms on CPU
     optimizer = torch.optim.AdamW(_param_groups(encoder, proj, weight_decay=weight_decay), lr=lr)
     generator = torch.Generator().manual_seed(int(seed))
