@@ -38,6 +38,8 @@ __all__ = [
     "Impl",
     "Kernels",
     "OpSpec",
+    "backend_choices",
+    "backend_names",
     "backend_status",
     "backends",
     "explain",
@@ -289,6 +291,18 @@ def registered_ops() -> dict[str, tuple[str, ...]]:
     """``{op: backends it declares, in auto order}`` for every registered op."""
     _import_ops()
     return {name: tuple(b for b in BACKENDS if b in spec.impls) for name, spec in _OPS.items()}
+
+
+def backend_names() -> tuple[str, ...]:
+    """The backends the registered ops declare, in ``auto`` order (``reference`` always among them): the
+    ``backend=`` names besides ``"auto"`` and ``"fused"``, and what the command line offers."""
+    declared = {b for backends in registered_ops().values() for b in backends}
+    return tuple(b for b in BACKENDS if b in declared or b == "reference")
+
+
+def backend_choices() -> tuple[str, ...]:
+    """Every value ``backend=`` takes: ``"auto"``, ``"fused"`` and :func:`backend_names`."""
+    return ("auto", "fused") + backend_names()
 
 
 def not_supported_reasons(op: str | OpSpec, backend: str, inputs: Mapping[str, Any]) -> list[str]:

@@ -53,7 +53,17 @@ __all__ = ["PROVIDERS", "MODES", "OPS", "Case", "Unsupported", "cases", "make_fn
            "peak_memory", "environment", "add_speedups", "write_rows", "bench_device", "bench_params",
            "run_pytest_benchmark", "main"]
 
-PROVIDERS = ("reference", "compiled", "triton", "cuda", "cpu", "auto")
+
+
+def _providers() -> tuple:
+    """``reference`` and ``compiled`` (the baselines), every kernel backend the registered ops declare
+    (:func:`ddfast.dispatch.backend_names`), and ``auto``."""
+    from ddfast.dispatch import backend_names
+
+    return ("reference", "compiled") + tuple(b for b in backend_names() if b != "reference") + ("auto",)
+
+
+PROVIDERS = _providers()
 MODES = ("fwd", "fwd+bwd", "step")
 OPS = ("ridge_solve", "label_metagrad", "checkpoint_grad_inner", "relu_max_pool2d", "ghost_products", "e2e")
 FIELDS = ("device", "device_name", "torch", "triton", "cuda", "commit", "timestamp", "op", "case", "shape",

@@ -8,7 +8,20 @@ import math
 import os
 import sys
 
-BACKENDS = ("auto", "fused", "cpu", "triton", "cuda", "reference")
+
+
+def backend_choices() -> tuple[str, ...]:
+    """``--backend`` choices: ``auto``, ``fused`` and every backend the registered ops declare
+    (:func:`ddfast.dispatch.backend_choices`)."""
+    from ddfast.dispatch import backend_choices as choices
+
+    return choices()
+
+
+def __getattr__(name):
+    if name == "BACKENDS":  # the --backend choices, read from the registry when first asked for
+        return backend_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UsageError(Exception):
