@@ -26,6 +26,7 @@ import os
 import warnings
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from ddfast import dispatch as _backends
 from ddfast import settings
@@ -482,7 +483,7 @@ class KrrPredictFunction(FastFunction):
     def forward(Zq, Zs, Ys, mu, bias, kernels, out_dtype):
         Zqk, Zsk, Ysk = _kernel_view(Zq, bias), _kernel_view(Zs, bias), _kernel_view(Ys, False)
         _, L, alpha = _factor(kernels, Zsk, Ysk, mu, False, compute_w=False)
-        K_qs = _mm_thin(Zqk, Zsk.mT) if Zsk.shape[-2] < 32 else Zqk @ Zsk.mT
+        K_qs = Zqk @ Zsk.mT  # (Zsk Zqkᵀ)ᵀ measured 1.3× slower at N = 16, d = 8192 (one thread)
         P = _mm_thin(K_qs.to(out_dtype), alpha.to(out_dtype))
         return _own(P, Zq.shape[:-1] + P.shape[-1:]), L, alpha, K_qs
 
@@ -668,7 +669,7 @@ def _check_finite_output(out, named, op, check_finite=None):
         torch._assert_async(torch.isfinite(out).all(), f"{op}: non-finite result (NaN or Inf in "
                             f"{', '.join(n for n, _ in named)}, or a failed solve; increase lam)")
         return out
-    if not can_sync(out, *(x for _, x in named)) or bool(torch.isfinite(out).all()):
+    if not can_sync(out, *(x for _, x in named)) or _all_finite(out):
         return out
     _raise_if_nonfinite(named)
     raise NotPSDError(f"{op}: the solve produced non-finite values from finite inputs; increase lam")
@@ -676,8 +677,16 @@ def _check_finite_output(out, named, op, check_finite=None):
 
 def _raise_if_nonfinite(named):
     for name, x in named:
-        if isinstance(x, torch.Tensor) and can_sync(x) and not bool(torch.isfinite(x).all()):
+        if isinstance(x, torch.Tensor) and can_sync(x) and not _all_finite(x):
             raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def _all_finite(t):
+    """Whether every entry of ``t`` is finite, with one reduction and one host sync: a NaN or ±Inf entry
+    makes the sum NaN or ±Inf, so a finite sum proves it; only a non-finite sum (a non-finite entry, or an
+    overflow of finite ones) takes the exact check. One thread, float32: isfinite(t).all() took 41 µs on a
+    256×10 output and 210 µs on 64×65×10; t.sum() 6 and 9 µs."""
+    return math.isfinite(float(t.detach().sum())) or bool(torch.isfinite(t).all())
 
 
 def _mu(Z, lam, reg, detach_reg, bias, solve_dtype):
@@ -706,9 +715,148 @@ def _vector_targets(Y, Z, name):
 #     N = 100:  1.41          1.90         2.10 (d=4096: 2.06)  N = 256: 2.4–2.8   N = 500: 2.5–4.3
 #   ridge_weights, LD few-shot B = 64, N = 32–128, d = 64–640 (bias): 1.6–2.5;  B = 1, N = 10–500,
 #   d = 192–2048: 1.6–3.3.
-# Against the eager ``torch.linalg.solve`` formulation the fused path is 1.0–2.8× at N ≥ 32 and 0.7–0.98×
-# at N ≤ 16 (a fixed ~0.5 ms of argument checks, finiteness check and dispatch on a loaded two-core box,
-# where the GEMMs themselves are the same).
+# Against the eager ``torch.linalg.solve`` formulation the fused path is 1.0–2.8× at N ≥ 32; below, the
+# per-call cost decides: the validation and the dispatch choice are made once per argument signature
+# (``_PLANS``), the finiteness check is one sum (``_all_finite``), a call no derivative can be asked of runs
+# the Functions' forward without the autograd node, and krr_predict at N ≤ LEAN_MAX_N runs as torch ops.
+
+
+#: ``krr_predict(backend="auto")`` runs small dual problems as plain differentiable torch ops (Gram,
+#: positive-definiteness test, ``torch.linalg.solve``, the products: :func:`_lean_solve`) instead of the fused
+#: Functions: there the GEMMs with the queries are the whole cost, and the fused kernel saves less than the
+#: two autograd.Function nodes cost. Largest support size N per device type (dual form N ≤ d, one dtype,
+#: eager mode); larger N, other devices and a backend asked for by name take the fused path. Measured on
+#: the two-core CPU box, one thread, float32, M = 256 queries, C = 10, d = 512 / 2048 / 8192, fwd+bwd time
+#: ratio eager torch.linalg.solve formulation / krr_predict (docs/ops/ridge_solve.md, "Small N"):
+#:   fused:  N = 10: 0.72 0.85 0.93   N = 16: 0.84 0.85 0.91   N = 24: 0.92 1.05 1.14   N = 32: 1.02 1.21 1.44
+#:   lean:   N = 10: 0.90 0.99 0.97   N = 16: 1.00 0.98 1.03   N = 24: 1.02 1.16 1.25   N = 32: 1.14 1.32 1.44
+#: (from N = 24 on both associate the product through W = Zsᵀα and tie within the noise; the fused path
+#: keeps the saved factor for higher-order derivatives). ridge_weights has no lean path: its fused kernel
+#: (Gram, factor, solves and Zᵀα in one call) measured 1.0–1.2× the eager formulation at every LD-head shape
+#: (N = 10–100, d = 84–512 + bias, C = 10), where the same torch-op path gave 0.64–0.89×.
+LEAN_MAX_N = {"cpu": 16}
+
+
+def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
+    """α = (ZZᵀ + μI)⁻¹Y for the (bias-augmented) features Z (..., N, d) in differentiable torch ops, with
+    the augmented features and their transpose; α is None when a member does not factor (the fused path then
+    runs, with its jitter policy and warning).
+
+    The Cholesky factorization is the positive-definiteness test of the jitter policy (7 µs at N = 10);
+    α comes from ``torch.linalg.solve``, whose backward is the lighter
+    one at these sizes (fwd+bwd at N = 10–16: within 2 % of the eager formulation, where cholesky_solve's
+    was 8–12 % slower). Few Python-level ops: each costs 3–10 µs here."""
+    Zk = append_bias(Z, bias) if bias else Z
+    Zt = Zk.mT
+    eye = torch.eye(Zk.shape[-2], dtype=Zk.dtype, device=Zk.device)
+    if reg == "absolute" and not isinstance(lam, torch.Tensor):
+        A = Zk @ Zt + (eye if float(lam) == 1.0 else float(lam) * eye)
+    else:
+        A = Zk @ Zt + _mu(Z, lam, reg, detach_reg, bias, sd).reshape(Z.shape[:-2] + (1, 1)) * eye
+    if int(torch.linalg.cholesky_ex(A.detach())[1].count_nonzero()):
+        return None, Zk, Zt
+    return torch.linalg.solve(A, Y), Zk, Zt
+
+
+def _lean_ok(out, check_finite):
+    """The lean result stands unless it is checked and not finite (the fused path then runs again and names
+    the non-finite input, or reports the failed solve)."""
+    return not _checking(check_finite) or _all_finite(out)
+
+
+# --------------------------------------------------------------------------- per-call plans
+#
+# Everything a call decides from its arguments' shapes, dtypes, devices and options (validation, the
+# backend, dual / primal, the association of krr_predict's product) is made once per argument signature
+# and kept in ``_PLANS``: a repeated call (a training loop) only re-checks λ's value and runs. The key holds
+# every argument that the validation reads except λ (checked on every call) and DDFAST_BACKEND; an
+# unhashable argument, or tracing under torch.compile, takes the full path.
+
+_PLANS: dict = {}
+_PLAN_LIMIT = 1024
+
+
+def _planned(make, key, *args):
+    """``make(*args)`` (validates, raises on bad input), memoized on ``key``."""
+    if torch.compiler.is_compiling():
+        return make(*args)
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable option: validated (and refused) by the full path
+        return make(*args)
+    if plan is None:
+        plan = make(*args)
+        if len(_PLANS) >= _PLAN_LIMIT:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _key(op, tensors, options):
+    """The plan key: op, each tensor's (shape, dtype, device), the options (with their types: ``True`` and
+    ``1`` validate differently) and DDFAST_BACKEND; None when an argument is not a tensor."""
+    key = [op, os.environ.get("DDFAST_BACKEND", "")]
+    for x in tensors:
+        if not isinstance(x, torch.Tensor):
+            return None
+        key += (x.shape, x.dtype, x.device)
+    for o in options:
+        key += (type(o), o)
+    return tuple(key)
+
+
+def _plan_ridge_weights(Z, Y, lam, reg, bias, solve_dtype, out_dtype, check_finite, backend):
+    _check_bias(bias, allow_value=False)
+    _validate([("Z", Z), ("Y", Y)], lam, reg, solve_dtype, out_dtype, check_finite)
+    if Y.shape[-2] != Z.shape[-2]:
+        raise ValueError(f"Y: expected {Z.shape[-2]} rows like Z (..., N, d), got shape {tuple(Y.shape)}")
+    sd = solve_dtype or Z.dtype
+    N, d = Z.shape[-2], Z.shape[-1] + int(bias)
+    primal = d < N
+    name = _select(backend, Z, Y, primal, bias, sd, "ridge_weights")
+    if (out_dtype or Z.dtype) != Z.dtype:  # a wider output: the reference computes everything in the solve dtype
+        name = "reference"
+    return name, primal, sd, Z.shape[:-2]
+
+
+def _plan_krr_predict(Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_finite, backend):
+    _check_bias(bias, allow_value=True)
+    shared = isinstance(Zs, torch.Tensor) and isinstance(Zq, torch.Tensor) and Zs.dim() == 2 and Zq.dim() > 2
+    _validate([("Zq", Zq), ("Zs", Zs), ("Ys", Ys)], lam, reg, solve_dtype, out_dtype, check_finite,
+              batch=torch.Size() if shared else None)
+    if shared and Ys.dim() != 2:
+        raise ValueError(f"Ys: expected (N, C) or (N,) like the shared support Zs {tuple(Zs.shape)}, got {tuple(Ys.shape)}")
+    if Zq.shape[-1] != Zs.shape[-1]:
+        raise ValueError(f"Zq: expected {Zs.shape[-1]} features like Zs (..., N, d), got shape {tuple(Zq.shape)}")
+    if Ys.shape[-2] != Zs.shape[-2]:
+        raise ValueError(f"Ys: expected {Zs.shape[-2]} rows like Zs (..., N, d), got shape {tuple(Ys.shape)}")
+    sd = solve_dtype or Zs.dtype
+    od = out_dtype or Zs.dtype
+    M = Zq.shape[:-1].numel() if shared else Zq.shape[-2]
+    N, d, C = Zs.shape[-2], Zs.shape[-1] + int(bool(bias)), Ys.shape[-1]
+    primal = d < N
+    name = _select(backend, Zs, Ys, primal, bool(bias), sd, "krr_predict")
+    if name == "reference" or (od != Zs.dtype and primal):  # the primal W is in the input dtype: a wider
+        route = "reference"                                  # output goes through the reference
+    elif od == Zs.dtype and (primal or d * C * (N + M) <= M * N * (d + C)):
+        route = "weights"  # P = Zq·W, W = Zsᵀα (or the primal W)
+    else:
+        route = "gram"  # P = K_qs·α
+    # The lean path (LEAN_MAX_N): auto only, never when a backend is asked for by name, by "fused" or by
+    # DDFAST_BACKEND; one dtype throughout.
+    lean = (backend == "auto" and name == "cpu" and route != "reference" and not primal and sd == od == Zs.dtype
+            and not os.environ.get("DDFAST_BACKEND", "").strip() and N <= LEAN_MAX_N.get(Zs.device.type, 0))
+    return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), lean
+
+
+def _no_derivative(*xs):
+    """No derivative of this call can be asked for: grad mode off or no tensor argument requiring grad, no
+    torch.func transform active and no forward-mode dual level open. The ops then run the Functions'
+    forward directly (the same kernels and jitter policy, without the autograd node: 40–110 µs less per
+    call at small N)."""
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+        return False
+    return not torch.is_grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
 # --------------------------------------------------------------------------- public API
@@ -736,30 +884,25 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
     Equivalent PyTorch: ``ddfast.reference.ridge_solve.ridge_weights_ref``.
     """
     Y, vector = _vector_targets(Y, Z, "Y")
-    _check_bias(bias, allow_value=False)
-    _validate([("Z", Z), ("Y", Y)], lam, reg, solve_dtype, out_dtype, check_finite)
-    if Y.shape[-2] != Z.shape[-2]:
-        raise ValueError(f"Y: expected {Z.shape[-2]} rows like Z (..., N, d), got shape {tuple(Y.shape)}")
-    sd = solve_dtype or Z.dtype
-    od = out_dtype or Z.dtype
-    N, d = Z.shape[-2], Z.shape[-1] + int(bias)
-    primal = d < N
-    name = _select(backend, Z, Y, primal, bias, sd, "ridge_weights")
-    if od != Z.dtype:  # a wider output: the reference computes everything in the solve dtype
-        name = "reference"
-    named = [("Z", Z), ("Y", Y), ("lam", lam)]
+    name, primal, sd, batch = _planned(
+        _plan_ridge_weights, _key("ridge_weights", (Z, Y), (reg, bias, solve_dtype, out_dtype, check_finite, backend)),
+        Z, Y, lam, reg, bias, solve_dtype, out_dtype, check_finite, backend)
+    _check_lam(lam, batch, Z, sd)
     try:
         if name == "reference":
             W = ridge_weights_ref(Z, Y, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype,
                                   out_dtype=out_dtype)
         else:
             mu = _mu(Z, lam, reg, detach_reg, bias, sd)
-            W = _applyRidgeWeightsFunction(Z, Y, mu, primal, bias, _KERNELS[name])[0]
+            if not torch.compiler.is_compiling() and _no_derivative(Z, Y, lam):
+                W = RidgeWeightsFunction.forward(Z, Y, mu, primal, bias, _KERNELS[name])[0]
+            else:
+                W = _applyRidgeWeightsFunction(Z, Y, mu, primal, bias, _KERNELS[name])[0]
     except NotPSDError:
-        _raise_if_nonfinite(named)
+        _raise_if_nonfinite([("Z", Z), ("Y", Y), ("lam", lam)])
         raise
     if name != "cpu":  # the C++ kernel checks its own output (no extra pass)
-        W = _check_finite_output(W, named, "ridge_weights", check_finite)
+        W = _check_finite_output(W, [("Z", Z), ("Y", Y), ("lam", lam)], "ridge_weights", check_finite)
     return W.squeeze(-1) if vector else W
 
 
@@ -777,51 +920,53 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
             is computed from the support Gram K = ZsZsᵀ (+ c)).
     Shape: P (..., M, C).
     The product is associated as Zq·W (W = Zsᵀα, or the primal W when d < N) or as K_qs·α, whichever
-    takes fewer flops: M·N·(d+C) vs d·C·(N+M).
+    takes fewer flops: M·N·(d+C) vs d·C·(N+M). With ``backend="auto"``, a small support set (N ≤
+    ``LEAN_MAX_N``, dual form, CPU) runs as differentiable torch ops with the same checks and jitter policy.
     Equivalent PyTorch: ``ddfast.reference.ridge_solve.krr_predict_ref``.
     """
     Ys, vector = _vector_targets(Ys, Zs, "Ys")
-    _check_bias(bias, allow_value=True)
-    shared = isinstance(Zs, torch.Tensor) and isinstance(Zq, torch.Tensor) and Zs.dim() == 2 and Zq.dim() > 2
-    _validate([("Zq", Zq), ("Zs", Zs), ("Ys", Ys)], lam, reg, solve_dtype, out_dtype, check_finite,
-              batch=torch.Size() if shared else None)
-    if shared and Ys.dim() != 2:
-        raise ValueError(f"Ys: expected (N, C) or (N,) like the shared support Zs {tuple(Zs.shape)}, got {tuple(Ys.shape)}")
-    if Zq.shape[-1] != Zs.shape[-1]:
-        raise ValueError(f"Zq: expected {Zs.shape[-1]} features like Zs (..., N, d), got shape {tuple(Zq.shape)}")
-    if Ys.shape[-2] != Zs.shape[-2]:
-        raise ValueError(f"Ys: expected {Zs.shape[-2]} rows like Zs (..., N, d), got shape {tuple(Ys.shape)}")
+    name, route, primal, shared, sd, od, batch, lean = _planned(
+        _plan_krr_predict, _key("krr_predict", (Zq, Zs, Ys), (reg, bias, solve_dtype, out_dtype, check_finite, backend)),
+        Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_finite, backend)
+    _check_lam(lam, batch, Zs, sd)
     q_shape = Zq.shape
     if shared:  # one support set, many query batches: the queries become rows of one problem
         Zq = Zq.reshape(-1, Zq.shape[-1])
-    sd = solve_dtype or Zs.dtype
-    od = out_dtype or Zs.dtype
-    M, N, d, C = Zq.shape[-2], Zs.shape[-2], Zs.shape[-1] + int(bool(bias)), Ys.shape[-1]
-    primal = d < N
-    name = _select(backend, Zs, Ys, primal, bool(bias), sd, "krr_predict")
-    if od != Zs.dtype and primal:  # the primal W is in the input dtype: a wider output goes through the reference
-        name = "reference"
-    named = [("Zq", Zq), ("Zs", Zs), ("Ys", Ys), ("lam", lam)]
+    if lean and not torch.compiler.is_compiling() and can_sync(Zq, Zs, Ys, lam):
+        alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
+        if alpha is not None:
+            Zqk = append_bias(Zq, bias) if bias else Zq
+            P = ((alpha.mT @ Zsk) @ Zqk.mT).mT if route == "weights" else (Zqk @ Zst) @ alpha
+            if _lean_ok(P, check_finite):
+                if shared:
+                    P = P.reshape(q_shape[:-1] + P.shape[-1:])
+                return P.squeeze(-1) if vector else P
     try:
-        if name == "reference":
+        if route == "reference":
             P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype,
                                 out_dtype=out_dtype)
         else:
             mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
-            if od == Zs.dtype and (primal or d * C * (N + M) <= M * N * (d + C)):
-                W = _applyRidgeWeightsFunction(Zs, Ys, mu, primal, bias, _KERNELS[name])[0]
+            lean = not torch.compiler.is_compiling() and _no_derivative(Zq, Zs, Ys, lam)
+            if route == "weights":
+                if lean:
+                    W, thin = RidgeWeightsFunction.forward(Zs, Ys, mu, primal, bias, _KERNELS[name])[0], _mm_thin
+                else:
+                    W, thin = _applyRidgeWeightsFunction(Zs, Ys, mu, primal, bias, _KERNELS[name])[0], _applyThinMatmul
                 if bias:
                     c = bias_value(bias)
                     w_b = W[..., -1:, :] if c == 1.0 else W[..., -1:, :] * math.sqrt(c)
-                    P = _applyThinMatmul(Zq, W[..., :-1, :]) + w_b
+                    P = thin(Zq, W[..., :-1, :]) + w_b
                 else:
-                    P = _applyThinMatmul(Zq, W)
+                    P = thin(Zq, W)
+            elif lean:
+                P = KrrPredictFunction.forward(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
             else:
                 P = _applyKrrPredictFunction(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
     except NotPSDError:
-        _raise_if_nonfinite(named)
+        _raise_if_nonfinite([("Zq", Zq), ("Zs", Zs), ("Ys", Ys), ("lam", lam)])
         raise
-    P = _check_finite_output(P, named, "krr_predict", check_finite)
+    P = _check_finite_output(P, [("Zq", Zq), ("Zs", Zs), ("Ys", Ys), ("lam", lam)], "krr_predict", check_finite)
     if shared:
         P = P.reshape(q_shape[:-1] + P.shape[-1:])
     return P.squeeze(-1) if vector else P

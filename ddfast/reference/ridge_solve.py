@@ -101,7 +101,8 @@ def _under_vmap(x) -> bool:
 
 def can_sync(*xs) -> bool:
     """Data-dependent Python checks are allowed: no input is vmap-batched or on the meta device."""
-    return not any(isinstance(x, torch.Tensor) and (x.device.type == "meta" or _under_vmap(x)) for x in xs)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not any(isinstance(x, torch.Tensor) and (x.is_meta or (wrapped(x) and _under_vmap(x))) for x in xs)
 
 
 def psd_safe_cholesky(A: torch.Tensor, *, what: str = "ridge solve") -> torch.Tensor:
