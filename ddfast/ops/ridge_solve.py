@@ -587,8 +587,13 @@ def _check_dtype_arg(name, dt, first):
         raise TypeError(f"solve_dtype: {dt} is narrower than the input dtype {first.dtype}")
 
 
+_FLOAT_MAX = {t: torch.finfo(t).max for t in _FLOATS}
+
+
 def _check_lam(lam, batch, first, sd):
     """λ: a finite positive float representable in the solve dtype, or a positive tensor broadcasting to batch."""
+    if type(lam) is float and 0.0 < lam <= _FLOAT_MAX[sd]:  # the common case, checked on every call
+        return
     if isinstance(lam, torch.Tensor):
         if lam.dtype not in _FLOATS:
             raise TypeError(f"lam: expected a float or a float32/float64 tensor, got dtype {lam.dtype}")
@@ -777,8 +782,8 @@ _PLAN_LIMIT = 1024
 
 
 def _planned(make, key, *args):
-    """``make(*args)`` (validates, raises on bad input), memoized on ``key``."""
-    if torch.compiler.is_compiling():
+    """``make(*args)`` (validates, raises on bad input), memoized on ``key`` (None: not memoized)."""
+    if key is None:
         return make(*args)
     try:
         plan = _PLANS.get(key)
@@ -794,14 +799,20 @@ def _planned(make, key, *args):
 
 def _key(op, tensors, options):
     """The plan key: op, each tensor's (shape, dtype, device), the options (with their types: ``True`` and
-    ``1`` validate differently) and DDFAST_BACKEND; None when an argument is not a tensor."""
-    key = [op, os.environ.get("DDFAST_BACKEND", "")]
+    ``1`` validate differently) and DDFAST_BACKEND; None (no plan kept) when an argument is not a tensor
+    and while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return None
+    key = [op, os.environ.get("DDFAST_BACKEND")]
     for x in tensors:
         if not isinstance(x, torch.Tensor):
             return None
-        key += (x.shape, x.dtype, x.device)
+        key.append(x.shape)
+        key.append(x.dtype)
+        key.append(x.device)
     for o in options:
-        key += (type(o), o)
+        key.append(type(o))
+        key.append(o)
     return tuple(key)
 
 
@@ -856,7 +867,12 @@ def _no_derivative(*xs):
     call at small N)."""
     if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
         return False
-    return not torch.is_grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+    if not torch.is_grad_enabled():
+        return True
+    for x in xs:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- public API
@@ -932,7 +948,7 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     q_shape = Zq.shape
     if shared:  # one support set, many query batches: the queries become rows of one problem
         Zq = Zq.reshape(-1, Zq.shape[-1])
-    if lean and not torch.compiler.is_compiling() and can_sync(Zq, Zs, Ys, lam):
+    if lean and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or Zs.is_meta):
         alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
         if alpha is not None:
             Zqk = append_bias(Zq, bias) if bias else Zq
@@ -947,9 +963,9 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
                                 out_dtype=out_dtype)
         else:
             mu = _mu(Zs, lam, reg, detach_reg, bias, sd)
-            lean = not torch.compiler.is_compiling() and _no_derivative(Zq, Zs, Ys, lam)
+            forward_only = not torch.compiler.is_compiling() and _no_derivative(Zq, Zs, Ys, lam)
             if route == "weights":
-                if lean:
+                if forward_only:
                     W, thin = RidgeWeightsFunction.forward(Zs, Ys, mu, primal, bias, _KERNELS[name])[0], _mm_thin
                 else:
                     W, thin = _applyRidgeWeightsFunction(Zs, Ys, mu, primal, bias, _KERNELS[name])[0], _applyThinMatmul
@@ -959,7 +975,7 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
                     P = thin(Zq, W[..., :-1, :]) + w_b
                 else:
                     P = thin(Zq, W)
-            elif lean:
+            elif forward_only:
                 P = KrrPredictFunction.forward(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
             else:
                 P = _applyKrrPredictFunction(Zq, Zs, Ys, mu, bias, _KERNELS[name], od)[0]
