@@ -742,7 +742,7 @@ def _vector_targets(Y, Z, name):
 LEAN_MAX_N = {"cpu": 16}
 
 
-def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
+def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd, forward_only=False):
     """α = (ZZᵀ + μI)⁻¹Y for the (bias-augmented) features Z (..., N, d) in differentiable torch ops, with
     the augmented features and their transpose; α is None when a member does not factor (the fused path then
     runs, with its jitter policy and warning).
@@ -750,7 +750,8 @@ def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
     The Cholesky factorization is the positive-definiteness test of the jitter policy (7 µs at N = 10);
     α comes from ``torch.linalg.solve``, whose backward is the lighter
     one at these sizes (fwd+bwd at N = 10–16: within 2 % of the eager formulation, where cholesky_solve's
-    was 8–12 % slower). Few Python-level ops: each costs 3–10 µs here."""
+    was 8–12 % slower); a call no derivative can be asked of (``forward_only``) solves with the test's own
+    factor (``cholesky_solve``: one LU less). Few Python-level ops: each costs 3–10 µs here."""
     Zk = append_bias(Z, bias) if bias else Z
     Zt = Zk.mT
     eye = torch.eye(Zk.shape[-2], dtype=Zk.dtype, device=Zk.device)
@@ -758,6 +759,9 @@ def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
         A = Zk @ Zt + (eye if float(lam) == 1.0 else float(lam) * eye)
     else:
         A = Zk @ Zt + _mu(Z, lam, reg, detach_reg, bias, sd).reshape(Z.shape[:-2] + (1, 1)) * eye
+    if forward_only:  # no backward to pay for: the factor serves as test and solve
+        L, info = torch.linalg.cholesky_ex(A)
+        return (None if int(info.count_nonzero()) else torch.cholesky_solve(Y, L)), Zk, Zt
     if int(torch.linalg.cholesky_ex(A.detach())[1].count_nonzero()):
         return None, Zk, Zt
     return torch.linalg.solve(A, Y), Zk, Zt
@@ -949,7 +953,7 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     if shared:  # one support set, many query batches: the queries become rows of one problem
         Zq = Zq.reshape(-1, Zq.shape[-1])
     if lean and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or Zs.is_meta):
-        alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
+        alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd, _no_derivative(Zq, Zs, Ys, lam))
         if alpha is not None:
             Zqk = append_bias(Zq, bias) if bias else Zq
             P = ((alpha.mT @ Zsk) @ Zqk.mT).mT if route == "weights" else (Zqk @ Zst) @ alpha
