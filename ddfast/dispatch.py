@@ -411,14 +411,18 @@ def explain(op: str, *args, **kwargs) -> str:
     if describe is None:
         raise ValueError(f"explain: {op!r}: expected one of the public functions {sorted(spec.describe)}")
     backend = kwargs.pop("backend", "auto")
-    inputs = describe(*args, **kwargs)
+    inputs = dict(describe(*args, **kwargs))
+    note = inputs.pop("note", None)  # a path the op takes instead of the chosen backend's kernels
     device = inputs.get("device")
     report = _report(spec, inputs, BACKENDS, getattr(device, "type", device) == "cuda")
     try:
         chosen = _choose(spec, backend, os.environ.get("DDFAST_BACKEND", "").strip(), inputs)
     except BackendUnavailableError as exc:
         chosen = f"none ({exc})"
-    return _format(spec.name if op == spec.name else f"{op} [{spec.name}]", chosen, backend, inputs, report)
+    text = _format(spec.name if op == spec.name else f"{op} [{spec.name}]", chosen, backend, inputs, report)
+    if note and backend == "auto" and chosen == "cpu":
+        text += f"\n  note: {note}"
+    return text
 
 
 def backend_status(device="cpu", dtype=None) -> dict[str, dict[str, list[str]]]:

@@ -176,3 +176,16 @@ def test_all_finite_one_sum():
     assert rs._all_finite(torch.randn(7, 2)) and rs._all_finite(torch.empty(0))
     with pytest.raises(NotPSDError):  # finite inputs, non-finite result: a solve failure, not an input error
         rs._check_finite_output(torch.tensor([1.0, float("inf")]), [("Z", torch.ones(2))], "op", True)
+
+
+def test_explain_names_the_lean_path(monkeypatch):
+    from ddfast.ops import explain
+
+    monkeypatch.delenv("DDFAST_BACKEND", raising=False)
+    zq, zs, ys = torch.randn(8, 32), torch.randn(rs.LEAN_MAX_N["cpu"], 32), torch.randn(rs.LEAN_MAX_N["cpu"], 3)
+    assert "lean path" in explain("krr_predict", zq, zs, ys, 1e-3)
+    # a backend asked for by name, a larger support set or a wider solve dtype take the kernels: no note
+    assert "lean path" not in explain("krr_predict", zq, zs, ys, 1e-3, backend="cpu")
+    big = torch.randn(rs.LEAN_MAX_N["cpu"] + 1, 32)
+    assert "lean path" not in explain("krr_predict", zq, big, torch.randn(big.shape[0], 3), 1e-3)
+    assert "lean path" not in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)

@@ -141,8 +141,8 @@ RIDGE_SOLVE = _backends.register_op(
     ],
     describe={
         "ridge_weights": lambda Z, Y, lam=None, *, bias=False, solve_dtype=None, **_: _describe(Z, Y, bias, solve_dtype),
-        "krr_predict": lambda Zq, Zs, Ys, lam=None, *, bias=False, solve_dtype=None, **_: _describe(
-            Zs, Ys, bias, solve_dtype),
+        "krr_predict": lambda Zq, Zs, Ys, lam=None, *, bias=False, solve_dtype=None, out_dtype=None, **_: {
+            **_describe(Zs, Ys, bias, solve_dtype), **_lean_note(Zs, bias, solve_dtype, out_dtype)},
     },
 )
 _KERNELS = {name: impl.kernels for name, impl in RIDGE_SOLVE.impls.items() if impl.kernels is not None}
@@ -153,6 +153,18 @@ def _describe(Z, Y, bias, solve_dtype):
     N, d = Z.shape[-2], Z.shape[-1] + int(bool(bias))
     return {"device": Z.device, "dtype": Z.dtype, "solve_dtype": solve_dtype or Z.dtype, "N": N, "d": d,
             "C": Y.shape[-1], "primal": d < N}
+
+
+def _lean_note(Zs, bias, solve_dtype, out_dtype):
+    """``explain``'s note when ``krr_predict(backend="auto")`` takes the lean torch-op path (``LEAN_MAX_N``)
+    instead of the chosen backend's kernels."""
+    N, d = Zs.shape[-2], Zs.shape[-1] + int(bool(bias))
+    lean = (N <= LEAN_MAX_N.get(Zs.device.type, 0) and d >= N and (solve_dtype or Zs.dtype) == Zs.dtype
+            and (out_dtype or Zs.dtype) == Zs.dtype and not os.environ.get("DDFAST_BACKEND", "").strip())
+    if not lean:
+        return {}
+    return {"note": (f"krr_predict runs N = {N} ≤ LEAN_MAX_N = {LEAN_MAX_N[Zs.device.type]} as plain "
+                     "differentiable torch ops (the lean path), not the cpu kernel")}
 
 
 def _select(backend, Z, Y, primal, bias, solve_dtype, op):
