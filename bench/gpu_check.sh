@@ -106,7 +106,8 @@ want info && stage info 60 bash -c "nvidia-smi 2>/dev/null || echo '(no nvidia-s
 # -- 3. GPU tests: compiled kernels on CUDA tensors (interpreter off), every failure reported (no -x); ------
 #       one pytest process per file in parallel (bench/pytest_parallel.sh): Triton JIT-compiles per process
 OP_TESTS="tests/test_ridge_solve.py tests/test_label_metagrad.py tests/test_label_metagrad_kernels.py
-          tests/test_ghost_products.py tests/test_relu_max_pool2d.py tests/test_checkpoint_grad_inner.py"
+          tests/test_ghost_products.py tests/test_relu_max_pool2d.py tests/test_checkpoint_grad_inner.py
+          tests/test_ridge_label_metagrad.py"
 GPU_TESTS=$(ls tests/test_gpu_*.py 2>/dev/null)
 rm -rf "$OUT/junit" "$OUT/tests"
 if ! want tests; then :
