@@ -260,3 +260,7 @@ def test_cli_trains_one_epoch(tmp_path, capsys):
     assert "final loss" in printed and "target.safetensors" in printed
     target = load_target(out)
     assert target.meta["epochs"] == 1 and target.out_dim == 16
+    # the default resolution is the one `ddfast distill krr-st --dataset digits` uses, so the two commands chain
+    from ddfast.experiments.krr_st import PRESETS
+
+    assert target.image_size == PRESETS["digits"]["image_size"]

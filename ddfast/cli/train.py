@@ -39,7 +39,9 @@ def add_parsers(sub) -> None:
     ssl = sub.add_parser("ssl", help="train the self-supervised (Barlow Twins) target model of KRR-ST")
     ssl.add_argument("--dataset", default="mnist", help="unlabeled source data set (its training split)")
     ssl.add_argument("--root", default=None, help="folder with the data set's files")
-    ssl.add_argument("--image-size", type=positive_int, default=None, help="resize the images to this size")
+    ssl.add_argument("--image-size", type=positive_int, default=None,
+                     help="resize the images to this size (default: the size `ddfast distill krr-st` uses for the "
+                          "data set, e.g. 16 for digits, 28 for MNIST)")
     ssl.add_argument("--arch", default="convnet", choices=["convnet", "resnet18"], help="encoder")
     ssl.add_argument("--widths", type=positive_int, nargs="+", default=None,
                      help="ConvNet block widths (default 32 64 128)")
@@ -128,6 +130,10 @@ def ssl_train(args) -> int:
     from ddfast.ssl import train_barlow_twins
     from ddfast.ssl.barlow_twins import CHECKPOINT_FILE, TARGET_FILE
 
+    from ddfast.experiments.krr_st import PRESETS
+
+    if args.image_size is None and args.dataset in PRESETS:  # the resolution `ddfast distill krr-st` uses
+        args.image_size = PRESETS[args.dataset]["image_size"]
     with maybe_run_folder(args.out, "ssl", command="ddfast ssl", owned=(TARGET_FILE, CHECKPOINT_FILE)) as run:
         data = load_dataset(args.dataset, args.root, image_size=args.image_size)
         presets = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "projector")
