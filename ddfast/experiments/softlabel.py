@@ -117,7 +117,7 @@ def _teacher_and_trajectory(dataset, data, out, progress):
     from ddfast.experiments.ead import trajectory_for
 
     traj = trajectory_for(dataset, data, os.path.join(out, f"trajectory-{dataset}"), progress=progress)
-    teacher = traj.build_model()
+    teacher = traj.build_model().to(data.train_x.device)
     teacher.load_state_dict(dict(traj.final()))
     teacher.eval()
     return teacher, traj
@@ -136,7 +136,8 @@ def bn_teacher(data, *, out=None, dataset="data", seed=0, epochs=None):
     c, size, C = data.channels, data.image_size, data.num_classes
 
     def make():
-        return build_model("convnet", c, C, size, widths=EVAL_OPTIONS["widths"], norm=BN_TEACHER["norm"])
+        return build_model("convnet", c, C, size, widths=EVAL_OPTIONS["widths"],
+                           norm=BN_TEACHER["norm"]).to(data.train_x.device)
 
     path = os.path.join(out, f"bn-teacher-{dataset}-seed{seed}-e{epochs}.safetensors") if out else None
     if path and os.path.exists(path):
@@ -160,13 +161,13 @@ def _set_config(name, ipc, seed, iterations):
     return overrides
 
 
-def _load_cached(path, config):
+def _load_cached(path, config, device="cpu"):
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     if "config" in meta and json.loads(meta["config"]) != json.loads(json.dumps(config)):
         raise ValueError(f"out: {path} holds a set made with {meta['config']}, this run asks for "
                          f"{json.dumps(config)}; use another --out folder or remove the file")
-    return load_file(path)
+    return load_file(path, device=str(device))
 
 
 def build_set(name, ipc, data, teacher, traj, *, seed=0, out=None, progress=False, iterations=None,
@@ -193,7 +194,7 @@ def build_set(name, ipc, data, teacher, traj, *, seed=0, out=None, progress=Fals
     config = _set_config(name, ipc, seed, iterations)
     path = os.path.join(out, f"{name}-ipc{ipc}-seed{seed}.safetensors") if out else None
     if path and os.path.exists(path):
-        t = _load_cached(path, config)
+        t = _load_cached(path, config, x.device)
         if "learned_labels" in t:
             extra["learned_labels"] = t["learned_labels"]
         return (t["images"], t["labels"], extra) if return_extra else (t["images"], t["labels"])
