@@ -65,6 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ridge_solve_bwd_composite", &ddfast::ops::ridge_solve_bwd_composite, py::arg("G"), py::arg("Z"),
         py::arg("Y"), py::arg("L"), py::arg("aux"), py::arg("primal"), py::arg("need_dz"), py::arg("need_dy"),
         py::arg("need_dmu"));
+  m.def("krr_predict_fwd_composite", &ddfast::ops::krr_predict_fwd_composite, py::arg("Zq"), py::arg("Zs"),
+        py::arg("Ys"), py::arg("lam"), py::arg("reg"), py::arg("c"), py::arg("via_weights"));
 
   // Plain CPU functions (prefer torch.ops.ddfast.*).
   m.def("ridge_solve_fwd", &ridge_solve_fwd_checked, py::arg("Z"), py::arg("Y"), py::arg("mu"), py::arg("primal"),

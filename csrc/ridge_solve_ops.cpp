@@ -9,6 +9,10 @@
 //   ridge_solve_bwd(G[B,d,C], Z, Y, L, aux, primal, need_dz, need_dy, need_dmu) -> dZ, dY, dmu
 //       (undefined where not needed)
 //   cholesky_solve(R[B,n,C], L[B,n,n]) -> (LLᵀ)⁻¹R in L's dtype
+//   krr_predict_fwd(Zq[...,M,d], Zs[...,N,d], Ys[...,N,C], lam, reg, c, via_weights) -> P[...,M,C], status[]
+//       forward only, dual, one dtype: P = (ZqZsᵀ + c)(K + μI)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0),
+//       λ·tr(K)/N (1), λ·tr(K) (2); status 0 ok, 1 a factor failed (P empty), 2 non-finite P.
+//       The whole small-support prediction in one call (no autograd, no per-op overhead).
 //
 // The CUDA forward / backward run one block per problem with the factor in shared memory; when the
 // problem does not fit (n > ridge_solve_max_n(), shared memory above the device's opt-in limit, or
@@ -16,6 +20,9 @@
 // products, linalg_cholesky_ex, cholesky_solve): ridge_solve_fwd_composite / _bwd_composite below.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <vector>
 
 #include "cpu/ridge_solve.h"
 #include "ops_common.h"
@@ -94,6 +101,36 @@ void check_cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
   check_same_device(R, "R", L, "L", op);
 }
 
+void check_krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
+                           int64_t reg, double c) {
+  constexpr const char* op = "krr_predict_fwd";
+  TORCH_CHECK(Zs.defined() && Zs.dim() >= 2, op, ": Zs: expected shape [..., N, d], got ",
+              Zs.defined() ? Zs.sizes() : c10::IntArrayRef{});
+  const int64_t r = Zs.dim(), N = Zs.size(r - 2), d = Zs.size(r - 1);
+  const auto lead = Zs.sizes().slice(0, r - 2);
+  TORCH_CHECK(Zq.defined() && Zq.dim() == r && Zq.sizes().slice(0, r - 2) == lead && Zq.size(r - 1) == d, op,
+              ": Zq: expected shape [..., M, d] with the batch dims and d of Zs ", Zs.sizes(), ", got ",
+              Zq.defined() ? Zq.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(Ys.defined() && Ys.dim() == r && Ys.sizes().slice(0, r - 2) == lead && Ys.size(r - 2) == N, op,
+              ": Ys: expected shape [..., N, C] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
+              Ys.defined() ? Ys.sizes() : c10::IntArrayRef{});
+  check_float(Zs, op, "Zs");
+  check_same_dtype(Zq, "Zq", Zs, "Zs", op);
+  check_same_dtype(Ys, "Ys", Zs, "Zs", op);
+  check_same_device(Zq, "Zq", Zs, "Zs", op);
+  check_same_device(Ys, "Ys", Zs, "Zs", op);
+  TORCH_CHECK(N > 0 && d > 0, op, ": Zs: expected N, d ≥ 1, got ", Zs.sizes());
+  TORCH_CHECK(std::isfinite(lam) && lam > 0, op, ": lam: expected a finite λ > 0, got ", lam);
+  TORCH_CHECK(reg >= 0 && reg <= 2, op, ": reg: expected 0 (absolute), 1 (trace_mean) or 2 (trace), got ", reg);
+  TORCH_CHECK(std::isfinite(c) && c >= 0, op, ": c: expected a finite kernel constant ≥ 0, got ", c);
+}
+
+std::vector<int64_t> krr_predict_fwd_shape(const at::Tensor& Zq, const at::Tensor& Ys) {
+  std::vector<int64_t> shape(Zq.sizes().begin(), Zq.sizes().end());
+  shape.back() = Ys.size(-1);
+  return shape;
+}
+
 namespace {
 
 // Forward outputs allocated like the kernels do (also the Meta implementation).
@@ -128,6 +165,12 @@ at::Tensor cholesky_solve_meta(const at::Tensor& R, const at::Tensor& L) {
   return at::empty({R.size(0), R.size(2), R.size(1)}, L.options()).transpose(1, 2);
 }
 
+std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_meta(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
+                                                        double lam, int64_t reg, double c, bool via_weights) {
+  check_krr_predict_fwd(Zq, Zs, Ys, lam, reg, c);
+  return {at::empty(krr_predict_fwd_shape(Zq, Ys), Zs.options()), at::empty({}, Zs.options().dtype(at::kInt))};
+}
+
 // ---------------------------------------------------------------- CPU
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ridge_solve_fwd_cpu(
@@ -152,6 +195,18 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& R, const at::Tensor& L) {
   check_cholesky_solve(R, L);
   TORCH_CHECK(L.device().is_cpu(), "cholesky_solve: expected CPU tensors, got ", L.device());
   return ddfast::cpu::cholesky_solve(R, L);
+}
+
+std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_cpu(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
+                                                       double lam, int64_t reg, double c, bool via_weights) {
+  check_krr_predict_fwd(Zq, Zs, Ys, lam, reg, c);
+  TORCH_CHECK(Zs.device().is_cpu(), "krr_predict_fwd: expected CPU tensors, got ", Zs.device());
+  const int64_t N = Zs.size(-2), d = Zs.size(-1), M = Zq.size(-2), C = Ys.size(-1);
+  auto [P, status] = ddfast::cpu::krr_predict_fwd(Zq.reshape({-1, M, d}), Zs.reshape({-1, N, d}),
+                                                  Ys.reshape({-1, N, C}), lam, reg, c, via_weights);
+  // A failed factor is reported by the status alone; the output keeps its shape.
+  P = status == 1 ? at::zeros(krr_predict_fwd_shape(Zq, Ys), Zs.options()) : P.view(krr_predict_fwd_shape(Zq, Ys));
+  return {P, at::scalar_tensor(status, Zs.options().dtype(at::kInt))};
 }
 
 }  // namespace
@@ -216,6 +271,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_composite(const a
     }
   }
   return {dZ, dY, dmu};
+}
+
+std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_composite(const at::Tensor& Zq_in, const at::Tensor& Zs_in,
+                                                             const at::Tensor& Ys_in, double lam, int64_t reg,
+                                                             double c, bool via_weights) {
+  check_krr_predict_fwd(Zq_in, Zs_in, Ys_in, lam, reg, c);
+  const int64_t N = Zs_in.size(-2), d = Zs_in.size(-1), M = Zq_in.size(-2), C = Ys_in.size(-1);
+  const at::Tensor Zq = Zq_in.reshape({-1, M, d}), Zs = Zs_in.reshape({-1, N, d}), Ys = Ys_in.reshape({-1, N, C});
+  const at::Tensor Zst = Zs.transpose(1, 2);
+  at::Tensor K = at::matmul(Zs, Zst);
+  if (c != 0.0) K.add_(c);
+  at::Tensor mu = at::full({Zs.size(0)}, lam, K.options());
+  if (reg != 0) mu = mu * K.diagonal(0, 1, 2).sum(1) / (reg == 1 ? double(Zs.size(1)) : 1.0);
+  K.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
+  auto [L, info] = at::linalg_cholesky_ex(K, /*upper=*/false, /*check_errors=*/false);
+  const at::Tensor failed = info.ne(0).any();
+  const at::Tensor ok = info.eq(0).view({-1, 1, 1});
+  const at::Tensor alpha =
+      at::cholesky_solve(Ys, at::where(ok, L, at::eye(K.size(1), K.options()).expand_as(K)), /*upper=*/false);
+  at::Tensor P;
+  if (via_weights) {
+    P = at::matmul(Zq, at::matmul(Zst, alpha));
+    if (c != 0.0) P = P + alpha.sum(1, /*keepdim=*/true) * c;
+  } else {
+    at::Tensor Kq = at::matmul(Zq, Zst);
+    if (c != 0.0) Kq.add_(c);
+    P = at::matmul(Kq, alpha);
+  }
+  P = at::where(failed, at::zeros_like(P), P).reshape(krr_predict_fwd_shape(Zq_in, Ys_in));
+  const at::Tensor status =
+      at::where(failed, failed.to(at::kInt), at::isfinite(P).all().logical_not().to(at::kInt).mul(2)).to(at::kInt);
+  return {P, status.reshape({})};
 }
 
 // ---------------------------------------------------------------- CUDA
@@ -291,6 +378,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_cuda(const at::Te
   return {dZ, dY, dmu};
 }
 
+std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_cuda(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
+                                                        double lam, int64_t reg, double c, bool via_weights) {
+  TORCH_CHECK(Zs.is_cuda(), "krr_predict_fwd: expected CUDA tensors, got ", Zs.device());
+  const c10::cuda::CUDAGuard guard(Zs.device());
+  return krr_predict_fwd_composite(Zq, Zs, Ys, lam, reg, c, via_weights);
+}
+
 at::Tensor cholesky_solve_cuda(const at::Tensor& R, const at::Tensor& L) {
   check_cholesky_solve(R, L);
   const c10::cuda::CUDAGuard guard(L.device());
@@ -309,18 +403,22 @@ TORCH_LIBRARY_FRAGMENT(ddfast, m) {
   m.def("ridge_solve_bwd(Tensor G, Tensor Z, Tensor Y, Tensor L, Tensor aux, bool primal, bool need_dz, "
         "bool need_dy, bool need_dmu) -> (Tensor dZ, Tensor dY, Tensor dmu)");
   m.def("cholesky_solve(Tensor R, Tensor L) -> Tensor");
+  m.def("krr_predict_fwd(Tensor Zq, Tensor Zs, Tensor Ys, float lam, int reg, float c, bool via_weights) -> "
+        "(Tensor P, Tensor status)");
 }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
   m.impl("ridge_solve_fwd", &ddfast::ops::ridge_solve_fwd_cpu);
   m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_cpu);
   m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_cpu);
+  m.impl("krr_predict_fwd", &ddfast::ops::krr_predict_fwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ddfast, Meta, m) {
   m.impl("ridge_solve_fwd", &ddfast::ops::ridge_solve_fwd_meta);
   m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_meta);
   m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_meta);
+  m.impl("krr_predict_fwd", &ddfast::ops::krr_predict_fwd_meta);
 }
 
 #ifdef DDFAST_WITH_CUDA
@@ -328,5 +426,6 @@ TORCH_LIBRARY_IMPL(ddfast, CUDA, m) {
   m.impl("ridge_solve_fwd", &ddfast::ops::ridge_solve_fwd_cuda);
   m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_cuda);
   m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_cuda);
+  m.impl("krr_predict_fwd", &ddfast::ops::krr_predict_fwd_cuda);
 }
 #endif

@@ -45,6 +45,9 @@ FUZZ = textwrap.dedent(
         if name == "ghost_inner_fwd":
             return [torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 3, 5, dtype=F64), torch.randn(3, 2, 4, dtype=F64),
                     torch.randn(3, 2, 5, dtype=F64), True]
+        if name == "krr_predict_fwd":
+            return [torch.randn(2, 6, 4, dtype=F64), torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 3, 2, dtype=F64),
+                    0.5, 1, 0.25, True]
         if name == "relu_max_pool2d_fwd":
             return [torch.randn(2, 3, 5, 6)]
         if name == "relu_max_pool2d_bwd":

@@ -27,6 +27,8 @@ COMPILED_OPS = {
     "ghost_norms_fwd": lambda: (torch.randn(2, 3, 4, **F64), torch.randn(2, 3, 5, **F64), True),
     "ghost_inner_fwd": lambda: (torch.randn(2, 3, 4, **F64), torch.randn(2, 3, 5, **F64), torch.randn(3, 2, 4, **F64),
                                 torch.randn(3, 2, 5, **F64), False),
+    "krr_predict_fwd": lambda: (torch.randn(2, 6, 4, **F64), torch.randn(2, 3, 4, **F64), torch.randn(2, 3, 2, **F64),
+                                0.5, 1, 0.25, True),
     "relu_max_pool2d_fwd": lambda: (torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last),),
     "relu_max_pool2d_bwd": None,
 }
@@ -97,6 +99,23 @@ def test_cuda_large_problem_route_matches_the_kernel(primal):
     for w, g in zip(torch.ops.ddfast.ridge_solve_bwd(G, Z, Y, L, aux, primal, True, True, True),
                     ext.ridge_solve_bwd_composite(G, Z, Y, L, aux, primal, True, True, True)):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("via_weights", [False, True])
+@pytest.mark.parametrize("reg, c", [(0, 0.0), (1, 0.25), (2, 1.0)])
+def test_cuda_krr_forward_matches_the_cpu_kernel(via_weights, reg, c):
+    """torch.ops.ddfast.krr_predict_fwd's CUDA implementation is this ATen composite; run here on CPU tensors
+    (batched and unbatched) against the CPU kernel, including a member that does not factor."""
+    for lead in [(), (3,)]:
+        Zq, Zs, Ys = torch.randn(*lead, 7, 5, **F64), torch.randn(*lead, 4, 5, **F64), torch.randn(*lead, 4, 2, **F64)
+        want = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, 0.3, reg, c, via_weights)
+        got = ext.krr_predict_fwd_composite(Zq, Zs, Ys, 0.3, reg, c, via_weights)
+        assert int(got[1]) == int(want[1]) == 0
+        torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    Zs = torch.full((2, 4, 5), float("nan"), **F64)
+    P, status = ext.krr_predict_fwd_composite(torch.randn(2, 3, 5, **F64), Zs, torch.randn(2, 4, 1, **F64), 0.3, reg, c,
+                                              via_weights)
+    assert int(status) == 1 and P.shape == (2, 3, 1)
 
 
 def test_cuda_route_reports_a_failed_factor():

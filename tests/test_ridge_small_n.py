@@ -42,15 +42,64 @@ def _inputs(N=6, d=9, M=5, C=3, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("reg", ["absolute", "trace_mean"])
 def test_lean_path_matches_fused_and_reference(monkeypatch, bias, reg):
     calls = _counting(monkeypatch, "_lean_solve")
+    forward = _counting(monkeypatch, "_lean_forward")
     Zq, Zs, Ys = _inputs()
     lam = 0.3 if reg == "absolute" else 0.05
-    P = krr_predict(Zq, Zs, Ys, lam, reg=reg, bias=bias)
-    assert calls, "auto at N = 6 on CPU takes the lean path"
-    n = len(calls)
+    P = krr_predict(Zq, Zs.requires_grad_(), Ys, lam, reg=reg, bias=bias)
+    assert calls and not forward, "auto at N = 6 on CPU takes the lean path (torch ops when a derivative can be asked)"
+    with torch.no_grad():
+        P_fwd = krr_predict(Zq, Zs, Ys, lam, reg=reg, bias=bias)
+    assert len(calls) == 1 and forward, "no derivative possible: the one-call forward"
+    n, m = len(calls), len(forward)
     P_cpu = krr_predict(Zq, Zs, Ys, lam, reg=reg, bias=bias, backend="cpu")
-    assert len(calls) == n, "a backend asked for by name never takes the lean path"
-    torch.testing.assert_close(P, P_cpu, **F64)
-    torch.testing.assert_close(P, krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, bias=bias), **F64)
+    assert len(calls) == n and len(forward) == m, "a backend asked for by name never takes the lean path"
+    torch.testing.assert_close(P.detach(), P_cpu.detach(), **F64)
+    torch.testing.assert_close(P_fwd, P_cpu.detach(), **F64)
+    torch.testing.assert_close(P_fwd, krr_predict_ref(Zq, Zs.detach(), Ys, lam, reg=reg, bias=bias), **F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
+@pytest.mark.parametrize("reg, bias", [("absolute", False), ("trace", True), ("trace_mean", 0.5)])
+def test_forward_only_call_matches_reference(monkeypatch, dtype, batch, reg, bias):
+    """The one-call forward (``torch.ops.ddfast.krr_predict_fwd``) on batched and unbatched support sets,
+    both associations (M = 2: K_qs·α; M = 40: Zq·W), against the float64 reference; float32 within 2× the
+    reference's own float32 error + 1e-5."""
+    taken = []
+    fn = rs._lean_forward
+    monkeypatch.setattr(rs, "_lean_forward", lambda *a: taken.append(fn(*a)) or taken[-1])
+    g = torch.Generator().manual_seed(len(batch) + 7 * len(reg))
+    for N, d, M in [(1, 3, 2), (5, 8, 2), (16, 20, 40)]:
+        Zq, Zs, Ys = (torch.randn(*batch, r, c, generator=g, dtype=torch.float64) for r, c in [(M, d), (N, d), (N, 3)])
+        lam = 0.2 if reg == "absolute" else 0.02
+        want = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, bias=bias)
+        P = krr_predict(Zq.to(dtype), Zs.to(dtype), Ys.to(dtype), lam, reg=reg, bias=bias)
+        assert taken and taken[-1] is not None and P.dtype == dtype and P.shape == want.shape
+        if dtype == torch.float64:
+            torch.testing.assert_close(P, want, **F64)
+        else:
+            ref32 = krr_predict_ref(Zq.float(), Zs.float(), Ys.float(), lam, reg=reg, bias=bias)
+            err, ref_err = (P.double() - want).abs().max(), (ref32.double() - want).abs().max()
+            assert err <= 2 * ref_err + 1e-5, (err, ref_err)
+
+
+def test_forward_only_op_checks_its_arguments():
+    op = torch.ops.ddfast.krr_predict_fwd.default
+    Zq, Zs, Ys = _inputs()
+    P, status = op(Zq, Zs, Ys, 0.3, 0, 0.0, False)
+    assert int(status) == 0 and P.shape == (5, 3)
+    for args, match in [((Zq, Zs, Ys, -1.0, 0, 0.0, False), "lam"), ((Zq, Zs, Ys, 0.3, 3, 0.0, False), "reg"),
+                        ((Zq, Zs, Ys, 0.3, 0, -1.0, False), "c"), ((Zq[:, :4], Zs, Ys, 0.3, 0, 0.0, False), "Zq"),
+                        ((Zq, Zs, Ys[:4], 0.3, 0, 0.0, False), "Ys"), ((Zq, Zs, Ys.float(), 0.3, 0, 0.0, False), "Ys"),
+                        ((Zq, Zs[None], Ys, 0.3, 0, 0.0, False), "Zq")]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+    # a support set that does not factor: status 1, the output keeps its shape
+    rows = (torch.randn(1, 9, dtype=torch.float32) * 100).repeat(6, 1)  # rank one, λ far below rounding
+    P, status = op(Zq.float(), rows, Ys.float(), 1e-12, 0, 0.0, True)
+    assert int(status) == 1 and P.shape == (5, 3)
+    P, status = op(Zq * float("inf"), Zs, Ys, 0.3, 0, 0.0, True)
+    assert int(status) == 2
 
 
 @pytest.mark.parametrize("N, d", [(4, 7), (12, 20)])  # the two associations: K_qs·α (N=4: M·N·(d+C) fewer), Zq·W

@@ -458,6 +458,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd(
   return {dZ, dY, dmu};
 }
 
+std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in, const at::Tensor& Zs_in,
+                                                const at::Tensor& Ys_in, double lam, int64_t reg, double c,
+                                                bool via_weights) {
+  TORCH_CHECK(Zq_in.dim() == 3 && Zs_in.dim() == 3 && Ys_in.dim() == 3 && Zq_in.size(0) == Zs_in.size(0) &&
+                  Ys_in.size(0) == Zs_in.size(0) && Ys_in.size(1) == Zs_in.size(1) && Zq_in.size(2) == Zs_in.size(2),
+              "krr_predict_fwd: Zq [B, M, d], Zs [B, N, d] and Ys [B, N, C] expected, got ", Zq_in.sizes(), ", ",
+              Zs_in.sizes(), " and ", Ys_in.sizes());
+  TORCH_CHECK(Zq_in.device().is_cpu() && Zs_in.device().is_cpu() && Ys_in.device().is_cpu(),
+              "krr_predict_fwd: expected CPU tensors");
+  TORCH_CHECK((Zs_in.scalar_type() == at::kFloat || Zs_in.scalar_type() == at::kDouble) &&
+                  Zq_in.scalar_type() == Zs_in.scalar_type() && Ys_in.scalar_type() == Zs_in.scalar_type(),
+              "krr_predict_fwd: expected one dtype, float32 or float64, got ", Zq_in.scalar_type(), ", ",
+              Zs_in.scalar_type(), " and ", Ys_in.scalar_type());
+  const at::Tensor Zq = Zq_in.contiguous(), Zs = Zs_in.contiguous(), Ys = Ys_in.contiguous();
+  const int64_t B = Zs.size(0), N = Zs.size(1), C = Ys.size(2);
+  // One problem runs as 2-D GEMMs (MKL's batched path costs more at these sizes).
+  const at::Tensor q = B == 1 ? Zq.select(0, 0) : Zq, z = B == 1 ? Zs.select(0, 0) : Zs;
+  at::Tensor K = at::matmul(z, z.transpose(-1, -2)).contiguous();  // [(B,) N, N], factored in place
+  at::Tensor alpha = at::empty({B, N, C}, Zs.options());
+  std::vector<int> info(B, 0);
+  AT_DISPATCH_FLOATING_TYPES(Zs.scalar_type(), "krr_predict_fwd", [&] {
+    scalar_t* k = K.data_ptr<scalar_t>();
+    const scalar_t* y = Ys.data_ptr<scalar_t>();
+    scalar_t* a = alpha.data_ptr<scalar_t>();
+    const scalar_t cc = static_cast<scalar_t>(c);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> Xt(C * N);
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* A = k + b * N * N;
+        scalar_t trace = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          for (int64_t j = 0; j <= i; ++j) A[i * N + j] += cc;
+          trace += A[i * N + i];
+        }
+        const scalar_t mu = static_cast<scalar_t>(reg == 0 ? lam : reg == 1 ? lam * (double(trace) / double(N))
+                                                                             : lam * double(trace));
+        for (int64_t i = 0; i < N; ++i) A[i * N + i] += mu;
+        info[b] = cholesky_inplace<scalar_t>(A, N);
+        if (info[b] != 0) continue;
+        transpose(Xt.data(), y + b * N * C, N, C);
+        cholesky_solve_rows<scalar_t>(A, Xt.data(), N, C);
+        transpose(a + b * N * C, Xt.data(), C, N);
+      }
+    });
+  });
+  for (int64_t b = 0; b < B; ++b)
+    if (info[b] != 0) return {at::empty({0}, Zs.options()), 1};
+  const at::Tensor a = B == 1 ? alpha.select(0, 0) : alpha;
+  at::Tensor P;
+  if (via_weights) {  // P = Zq·(Zsᵀα) (+ c·1ᵀα), formed transposed: Pᵀ = (αᵀZs)Zqᵀ (thin factor on the left)
+    P = at::matmul(at::matmul(a.transpose(-1, -2), z), q.transpose(-1, -2)).transpose(-1, -2);
+    if (c != 0.0) P = P + a.sum(-2, /*keepdim=*/true).mul_(c);
+  } else {  // P = (ZqZsᵀ + c)·α
+    at::Tensor Kq = at::matmul(q, z.transpose(-1, -2));
+    if (c != 0.0) Kq.add_(c);
+    P = at::matmul(Kq, a);
+  }
+  if (B == 1) P = P.unsqueeze(0);
+  P = P.contiguous();
+  int64_t status = 0;
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "krr_predict_fwd_finite", [&] {
+    const scalar_t* p = P.data_ptr<scalar_t>();
+    bool finite = true;
+    for (int64_t i = 0; i < P.numel(); ++i) finite &= std::isfinite(p[i]);
+    if (!finite) status = 2;
+  });
+  return {P, status};
+}
+
 at::Tensor cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
   TORCH_CHECK(R.dim() == 3 && L.dim() == 3 && R.size(0) == L.size(0) && R.size(1) == L.size(1) &&
                   L.size(2) == L.size(1),

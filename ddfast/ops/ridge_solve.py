@@ -754,29 +754,49 @@ def _vector_targets(Y, Z, name):
 LEAN_MAX_N = {"cpu": 16}
 
 
-def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd, forward_only=False):
+def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
     """α = (ZZᵀ + μI)⁻¹Y for the (bias-augmented) features Z (..., N, d) in differentiable torch ops, with
     the augmented features and their transpose; α is None when a member does not factor (the fused path then
     runs, with its jitter policy and warning).
 
     The Cholesky factorization is the positive-definiteness test of the jitter policy (7 µs at N = 10);
-    α comes from ``torch.linalg.solve``, whose backward is the lighter
-    one at these sizes (fwd+bwd at N = 10–16: within 2 % of the eager formulation, where cholesky_solve's
-    was 8–12 % slower); a call no derivative can be asked of (``forward_only``) solves with the test's own
-    factor (``cholesky_solve``: one LU less). Few Python-level ops: each costs 3–10 µs here."""
+    α comes from ``torch.linalg.solve``, whose backward is the lighter one at these sizes (fwd+bwd at
+    N = 10–16: within 2 % of the eager formulation, where cholesky_solve's was 8–12 % slower). Few
+    Python-level ops (each costs 3–10 µs here): an unbatched system with a float λ is one ``addmm``
+    (λI + ZZᵀ). Calls no derivative can be asked of take :func:`_lean_forward` instead."""
     Zk = append_bias(Z, bias) if bias else Z
     Zt = Zk.mT
     eye = torch.eye(Zk.shape[-2], dtype=Zk.dtype, device=Zk.device)
     if reg == "absolute" and not isinstance(lam, torch.Tensor):
-        A = Zk @ Zt + (eye if float(lam) == 1.0 else float(lam) * eye)
+        A = torch.addmm(eye, Zk, Zt, beta=float(lam)) if Zk.dim() == 2 else torch.baddbmm(
+            eye, Zk, Zt, beta=float(lam)) if Zk.dim() == 3 else Zk @ Zt + float(lam) * eye
     else:
         A = Zk @ Zt + _mu(Z, lam, reg, detach_reg, bias, sd).reshape(Z.shape[:-2] + (1, 1)) * eye
-    if forward_only:  # no backward to pay for: the factor serves as test and solve
-        L, info = torch.linalg.cholesky_ex(A)
-        return (None if int(info.count_nonzero()) else torch.cholesky_solve(Y, L)), Zk, Zt
-    if int(torch.linalg.cholesky_ex(A.detach())[1].count_nonzero()):
+    info = torch.linalg.cholesky_ex(A.detach())[1]
+    if (info.item() if info.dim() == 0 else int(info.count_nonzero())):
         return None, Zk, Zt
     return torch.linalg.solve(A, Y), Zk, Zt
+
+
+_REG_CODE = {"absolute": 0, "trace_mean": 1, "trace": 2}
+
+
+def _lean_forward(Zq, Zs, Ys, lam, reg, bias, via_weights, check_finite):
+    """P of a call no derivative can be asked of, from one compiled call (``torch.ops.ddfast.krr_predict_fwd``:
+    Gram, regulariser, Cholesky, solves, the products and the finiteness check, without the dozen tensor ops
+    and their per-op cost); None when the support does not factor, the result is checked and not finite, or
+    λ is not one value (the caller then takes the path that handles it)."""
+    if isinstance(lam, torch.Tensor):
+        if lam.numel() != 1:
+            return None
+        lam = lam.item()
+    if Zq.dim() != Zs.dim():
+        return None
+    P, status = torch.ops.ddfast.krr_predict_fwd.default(Zq, Zs, Ys, float(lam), _REG_CODE[reg], bias_value(bias), via_weights)
+    status = status.item()
+    if status == 1 or (status == 2 and _checking(check_finite)):
+        return None
+    return P
 
 
 def _lean_ok(out, check_finite):
@@ -965,7 +985,16 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     if shared:  # one support set, many query batches: the queries become rows of one problem
         Zq = Zq.reshape(-1, Zq.shape[-1])
     if lean and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or Zs.is_meta):
-        alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd, _no_derivative(Zq, Zs, Ys, lam))
+        forward_only = _no_derivative(Zq, Zs, Ys, lam)
+        if forward_only:
+            P = _lean_forward(Zq, Zs, Ys, lam, reg, bias, route == "weights", check_finite)
+            if P is not None:
+                if shared:
+                    P = P.reshape(q_shape[:-1] + P.shape[-1:])
+                return P.squeeze(-1) if vector else P
+            alpha = None
+        else:
+            alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
         if alpha is not None:
             Zqk = append_bias(Zq, bias) if bias else Zq
             P = ((alpha.mT @ Zsk) @ Zqk.mT).mT if route == "weights" else (Zqk @ Zst) @ alpha
