@@ -112,3 +112,19 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     assert res.returncode == 2
     assert "no CUDA GPU" in res.stderr
     assert not (tmp_path / "out" / "build.log").exists()  # nothing was built
+
+
+def test_krr_eager_small_n_script_rows(capsys):
+    """bench/krr_eager_small_n.py (krr_predict vs the user's eager torch.linalg.solve formulation) writes one
+    CSV row per cell with both times and the same predictions."""
+    import csv
+    import io
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "krr_eager_small_n.py"
+    runpy.run_path(str(script))["main"](["--N", "4", "40", "--d", "48", "--M", "8", "--rounds", "1", "--calls", "1"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["N"], r["mode"]) for r in rows] == [("4", "fwd"), ("4", "fwd+bwd"), ("40", "fwd"), ("40", "fwd+bwd")]
+    for r in rows:
+        assert float(r["eager_us"]) > 0 and float(r["op_us"]) > 0 and float(r["rel_diff"]) < 1e-4

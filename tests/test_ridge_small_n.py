@@ -42,7 +42,7 @@ def _inputs(N=6, d=9, M=5, C=3, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("reg", ["absolute", "trace_mean"])
 def test_lean_path_matches_fused_and_reference(monkeypatch, bias, reg):
     calls = _counting(monkeypatch, "_lean_solve")
-    forward = _counting(monkeypatch, "_lean_forward")
+    forward = _counting(monkeypatch, "_forward_only")
     Zq, Zs, Ys = _inputs()
     lam = 0.3 if reg == "absolute" else 0.05
     P = krr_predict(Zq, Zs.requires_grad_(), Ys, lam, reg=reg, bias=bias)
@@ -63,13 +63,13 @@ def test_lean_path_matches_fused_and_reference(monkeypatch, bias, reg):
 @pytest.mark.parametrize("reg, bias", [("absolute", False), ("trace", True), ("trace_mean", 0.5)])
 def test_forward_only_call_matches_reference(monkeypatch, dtype, batch, reg, bias):
     """The one-call forward (``torch.ops.ddfast.krr_predict_fwd``) on batched and unbatched support sets,
-    both associations (M = 2: K_qs·α; M = 40: Zq·W), against the float64 reference; float32 within 2× the
+    both associations (M = 2: K_qs·α; M = 40: Zq·W), the in-place factor (N ≤ 128) and LAPACK's (N = 130), against the float64 reference; float32 within 2× the
     reference's own float32 error + 1e-5."""
     taken = []
-    fn = rs._lean_forward
-    monkeypatch.setattr(rs, "_lean_forward", lambda *a: taken.append(fn(*a)) or taken[-1])
+    fn = rs._forward_only
+    monkeypatch.setattr(rs, "_forward_only", lambda *a: taken.append(fn(*a)) or taken[-1])
     g = torch.Generator().manual_seed(len(batch) + 7 * len(reg))
-    for N, d, M in [(1, 3, 2), (5, 8, 2), (16, 20, 40)]:
+    for N, d, M in [(1, 3, 2), (5, 8, 2), (16, 20, 40), (40, 45, 3), (130, 140, 5)]:  # N > 128: LAPACK factor
         Zq, Zs, Ys = (torch.randn(*batch, r, c, generator=g, dtype=torch.float64) for r, c in [(M, d), (N, d), (N, 3)])
         lam = 0.2 if reg == "absolute" else 0.02
         want = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, bias=bias)
@@ -100,6 +100,9 @@ def test_forward_only_op_checks_its_arguments():
     assert int(status) == 1 and P.shape == (5, 3)
     P, status = op(Zq * float("inf"), Zs, Ys, 0.3, 0, 0.0, True)
     assert int(status) == 2
+    big = (torch.randn(1, 140, dtype=torch.float32) * 100).repeat(130, 1)  # N > 128 (LAPACK): also status 1
+    P, status = op(torch.randn(4, 140), big, torch.randn(130, 2), 1e-12, 0, 0.0, False)
+    assert int(status) == 1 and P.shape == (4, 2)
 
 
 @pytest.mark.parametrize("N, d", [(4, 7), (12, 20)])  # the two associations: K_qs·α (N=4: M·N·(d+C) fewer), Zq·W
@@ -238,3 +241,7 @@ def test_explain_names_the_lean_path(monkeypatch):
     big = torch.randn(rs.LEAN_MAX_N["cpu"] + 1, 32)
     assert "lean path" not in explain("krr_predict", zq, big, torch.randn(big.shape[0], 3), 1e-3)
     assert "lean path" not in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)
+    # the one-call forward is named from N = 1 up (dual form, one dtype), not for primal problems
+    assert "one-call forward" in explain("krr_predict", zq, big, torch.randn(big.shape[0], 3), 1e-3)
+    assert "one-call forward" not in explain("krr_predict", zq, torch.randn(40, 32), torch.randn(40, 3), 1e-3)
+    assert "one-call forward" not in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)

@@ -475,36 +475,49 @@ std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in, const a
   const int64_t B = Zs.size(0), N = Zs.size(1), C = Ys.size(2);
   // One problem runs as 2-D GEMMs (MKL's batched path costs more at these sizes).
   const at::Tensor q = B == 1 ? Zq.select(0, 0) : Zq, z = B == 1 ? Zs.select(0, 0) : Zs;
-  at::Tensor K = at::matmul(z, z.transpose(-1, -2)).contiguous();  // [(B,) N, N], factored in place
-  at::Tensor alpha = at::empty({B, N, C}, Zs.options());
-  std::vector<int> info(B, 0);
-  AT_DISPATCH_FLOATING_TYPES(Zs.scalar_type(), "krr_predict_fwd", [&] {
-    scalar_t* k = K.data_ptr<scalar_t>();
-    const scalar_t* y = Ys.data_ptr<scalar_t>();
-    scalar_t* a = alpha.data_ptr<scalar_t>();
-    const scalar_t cc = static_cast<scalar_t>(c);
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> Xt(C * N);
-      for (int64_t b = begin; b < end; ++b) {
-        scalar_t* A = k + b * N * N;
-        scalar_t trace = 0;
-        for (int64_t i = 0; i < N; ++i) {
-          for (int64_t j = 0; j <= i; ++j) A[i * N + j] += cc;
-          trace += A[i * N + i];
+  at::Tensor K = at::matmul(z, z.transpose(-1, -2)).contiguous();  // [(B,) N, N]
+  at::Tensor alpha;
+  if (N > kSmallN) {  // LAPACK factor and solves (the per-problem loops below are for small N)
+    if (c != 0.0) K.add_(c);
+    at::Tensor Kb = K.view({B, N, N});
+    at::Tensor mu = at::full({B}, lam, K.options());
+    if (reg != 0) mu.mul_(Kb.diagonal(0, 1, 2).sum(1)).div_(reg == 1 ? double(N) : 1.0);
+    Kb.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
+    auto [L, info] = at::linalg_cholesky_ex(Kb, /*upper=*/false, /*check_errors=*/false);
+    if (info.ne(0).any().item<bool>()) return {at::empty({0}, Zs.options()), 1};
+    alpha = at::cholesky_solve(Ys, L, /*upper=*/false);
+  } else {  // factored in place, one problem per task
+    alpha = at::empty({B, N, C}, Zs.options());
+    std::vector<int> info(B, 0);
+    AT_DISPATCH_FLOATING_TYPES(Zs.scalar_type(), "krr_predict_fwd", [&] {
+      scalar_t* k = K.data_ptr<scalar_t>();
+      const scalar_t* y = Ys.data_ptr<scalar_t>();
+      scalar_t* a = alpha.data_ptr<scalar_t>();
+      const scalar_t cc = static_cast<scalar_t>(c);
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> Xt(C * N);
+        for (int64_t b = begin; b < end; ++b) {
+          scalar_t* A = k + b * N * N;
+          scalar_t trace = 0;
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t j = 0; j <= i; ++j) A[i * N + j] += cc;
+            trace += A[i * N + i];
+          }
+          const scalar_t mu = static_cast<scalar_t>(reg == 0   ? lam
+                                                    : reg == 1 ? lam * (double(trace) / double(N))
+                                                               : lam * double(trace));
+          for (int64_t i = 0; i < N; ++i) A[i * N + i] += mu;
+          info[b] = cholesky_inplace<scalar_t>(A, N);
+          if (info[b] != 0) continue;
+          transpose(Xt.data(), y + b * N * C, N, C);
+          cholesky_solve_rows<scalar_t>(A, Xt.data(), N, C);
+          transpose(a + b * N * C, Xt.data(), C, N);
         }
-        const scalar_t mu = static_cast<scalar_t>(reg == 0 ? lam : reg == 1 ? lam * (double(trace) / double(N))
-                                                                             : lam * double(trace));
-        for (int64_t i = 0; i < N; ++i) A[i * N + i] += mu;
-        info[b] = cholesky_inplace<scalar_t>(A, N);
-        if (info[b] != 0) continue;
-        transpose(Xt.data(), y + b * N * C, N, C);
-        cholesky_solve_rows<scalar_t>(A, Xt.data(), N, C);
-        transpose(a + b * N * C, Xt.data(), C, N);
-      }
+      });
     });
-  });
-  for (int64_t b = 0; b < B; ++b)
-    if (info[b] != 0) return {at::empty({0}, Zs.options()), 1};
+    for (int64_t b = 0; b < B; ++b)
+      if (info[b] != 0) return {at::empty({0}, Zs.options()), 1};
+  }
   const at::Tensor a = B == 1 ? alpha.select(0, 0) : alpha;
   at::Tensor P;
   if (via_weights) {  // P = Zq·(Zsᵀα) (+ c·1ᵀα), formed transposed: Pᵀ = (αᵀZs)Zqᵀ (thin factor on the left)

@@ -156,15 +156,20 @@ def _describe(Z, Y, bias, solve_dtype):
 
 
 def _lean_note(Zs, bias, solve_dtype, out_dtype):
-    """``explain``'s note when ``krr_predict(backend="auto")`` takes the lean torch-op path (``LEAN_MAX_N``)
-    instead of the chosen backend's kernels."""
+    """``explain``'s note on the paths ``krr_predict`` takes instead of the chosen cpu backend's Functions: the
+    one-call forward for calls no derivative can be asked of (dual form, one dtype) and, at N ≤ ``LEAN_MAX_N``,
+    the lean torch-op path for calls that can be differentiated."""
     N, d = Zs.shape[-2], Zs.shape[-1] + int(bool(bias))
-    lean = (N <= LEAN_MAX_N.get(Zs.device.type, 0) and d >= N and (solve_dtype or Zs.dtype) == Zs.dtype
-            and (out_dtype or Zs.dtype) == Zs.dtype and not os.environ.get("DDFAST_BACKEND", "").strip())
-    if not lean:
+    one_dtype = (solve_dtype or Zs.dtype) == Zs.dtype and (out_dtype or Zs.dtype) == Zs.dtype
+    if d < N or not one_dtype:
         return {}
-    return {"note": (f"krr_predict runs N = {N} ≤ LEAN_MAX_N = {LEAN_MAX_N[Zs.device.type]} as plain "
-                     "differentiable torch ops (the lean path), not the cpu kernel")}
+    note = "without a derivative to ask for (no_grad, no input requiring grad) it runs the cpu kernel's one-call forward"
+    if N <= LEAN_MAX_N.get(Zs.device.type, 0) and not os.environ.get("DDFAST_BACKEND", "").strip():
+        note = (f"krr_predict runs N = {N} ≤ LEAN_MAX_N = {LEAN_MAX_N[Zs.device.type]} as plain differentiable torch "
+                f"ops (the lean path), not the cpu kernel's Functions; {note}")
+    else:
+        note = f"krr_predict: {note}"
+    return {"note": note}
 
 
 def _select(backend, Z, Y, primal, bias, solve_dtype, op):
@@ -738,7 +743,8 @@ def _vector_targets(Y, Z, name):
 # the Functions' forward without the autograd node, and krr_predict at N ≤ LEAN_MAX_N runs as torch ops.
 
 
-#: ``krr_predict(backend="auto")`` runs small dual problems as plain differentiable torch ops (Gram,
+#: ``krr_predict(backend="auto")`` runs small dual problems that can be differentiated (a call no derivative
+#: can be asked of takes the one-call forward, :func:`_forward_only`, at every N) as plain torch ops (Gram,
 #: positive-definiteness test, ``torch.linalg.solve``, the products: :func:`_lean_solve`) instead of the fused
 #: Functions: there the GEMMs with the queries are the whole cost, and the fused kernel saves less than the
 #: two autograd.Function nodes cost. Largest support size N per device type (dual form N ≤ d, one dtype,
@@ -763,7 +769,7 @@ def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
     α comes from ``torch.linalg.solve``, whose backward is the lighter one at these sizes (fwd+bwd at
     N = 10–16: within 2 % of the eager formulation, where cholesky_solve's was 8–12 % slower). Few
     Python-level ops (each costs 3–10 µs here): an unbatched system with a float λ is one ``addmm``
-    (λI + ZZᵀ). Calls no derivative can be asked of take :func:`_lean_forward` instead."""
+    (λI + ZZᵀ). Calls no derivative can be asked of take :func:`_forward_only` instead."""
     Zk = append_bias(Z, bias) if bias else Z
     Zt = Zk.mT
     eye = torch.eye(Zk.shape[-2], dtype=Zk.dtype, device=Zk.device)
@@ -781,11 +787,13 @@ def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
 _REG_CODE = {"absolute": 0, "trace_mean": 1, "trace": 2}
 
 
-def _lean_forward(Zq, Zs, Ys, lam, reg, bias, via_weights, check_finite):
-    """P of a call no derivative can be asked of, from one compiled call (``torch.ops.ddfast.krr_predict_fwd``:
-    Gram, regulariser, Cholesky, solves, the products and the finiteness check, without the dozen tensor ops
-    and their per-op cost); None when the support does not factor, the result is checked and not finite, or
-    λ is not one value (the caller then takes the path that handles it)."""
+def _forward_only(Zq, Zs, Ys, lam, reg, bias, via_weights, check_finite):
+    """P of a call no derivative can be asked of (dual form, one dtype, the cpu backend), from the kernel's
+    one-call forward ``torch.ops.ddfast.krr_predict_fwd``: Gram, regulariser, Cholesky, solves, both products
+    and the finiteness check in one call, with no autograd bookkeeping and no per-op cost (1.4–2.3× the eager
+    ``torch.linalg.solve`` formulation at N = 24–128, d = 512–2048, where the Functions' forward gave
+    1.0–1.6×: docs/ops/ridge_solve.md). None when a member does not factor (the fused path then applies the
+    jitter policy), the checked result is not finite (the fused path names the input) or λ is not one value."""
     if isinstance(lam, torch.Tensor):
         if lam.numel() != 1:
             return None
@@ -893,7 +901,9 @@ def _plan_krr_predict(Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_
     # DDFAST_BACKEND; one dtype throughout.
     lean = (backend == "auto" and name == "cpu" and route != "reference" and not primal and sd == od == Zs.dtype
             and not os.environ.get("DDFAST_BACKEND", "").strip() and N <= LEAN_MAX_N.get(Zs.device.type, 0))
-    return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), lean
+    # The cpu kernel's one-call forward (_forward_only) for calls no derivative can be asked of: dual, one dtype.
+    one_call = name == "cpu" and route != "reference" and not primal and sd == od == Zs.dtype
+    return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), lean, one_call
 
 
 def _no_derivative(*xs):
@@ -977,24 +987,24 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     Equivalent PyTorch: ``ddfast.reference.ridge_solve.krr_predict_ref``.
     """
     Ys, vector = _vector_targets(Ys, Zs, "Ys")
-    name, route, primal, shared, sd, od, batch, lean = _planned(
+    name, route, primal, shared, sd, od, batch, lean, one_call = _planned(
         _plan_krr_predict, _key("krr_predict", (Zq, Zs, Ys), (reg, bias, solve_dtype, out_dtype, check_finite, backend)),
         Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_finite, backend)
     _check_lam(lam, batch, Zs, sd)
     q_shape = Zq.shape
     if shared:  # one support set, many query batches: the queries become rows of one problem
         Zq = Zq.reshape(-1, Zq.shape[-1])
-    if lean and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or Zs.is_meta):
-        forward_only = _no_derivative(Zq, Zs, Ys, lam)
-        if forward_only:
-            P = _lean_forward(Zq, Zs, Ys, lam, reg, bias, route == "weights", check_finite)
-            if P is not None:
-                if shared:
-                    P = P.reshape(q_shape[:-1] + P.shape[-1:])
-                return P.squeeze(-1) if vector else P
-            alpha = None
-        else:
-            alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
+    eager = (one_call or lean) and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                                        or Zs.is_meta)
+    forward_only = eager and _no_derivative(Zq, Zs, Ys, lam)
+    if forward_only and one_call:
+        P = _forward_only(Zq, Zs, Ys, lam, reg, bias, route == "weights", check_finite)
+        if P is not None:
+            if shared:
+                P = P.reshape(q_shape[:-1] + P.shape[-1:])
+            return P.squeeze(-1) if vector else P
+    elif eager and lean:
+        alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
         if alpha is not None:
             Zqk = append_bias(Zq, bias) if bias else Zq
             P = ((alpha.mT @ Zsk) @ Zqk.mT).mT if route == "weights" else (Zqk @ Zst) @ alpha
