@@ -93,3 +93,20 @@ def test_krr_predict_fewshot_and_widths(gpu_device, backend, B, N, d, C, M):
 def test_float64_gradcheck_on_device(gpu_device):
     Zq, Zs, Ys = _inputs(gpu_device, (3, 5), (4, 5), (4, 2))
     assert torch.autograd.gradcheck(lambda q, s, y: krr_predict(q, s, y, 0.3, backend="auto"), (Zq, Zs, Ys))
+
+
+@pytest.mark.parametrize("via_weights", [False, True])
+def test_krr_predict_fwd_operator_on_device(gpu_device, via_weights):
+    """torch.ops.ddfast.krr_predict_fwd (the one-call forward) on the device's implementation (CUDA: ATen
+    calls under a device guard) against the CPU kernel, and opcheck of its registration there."""
+    import ddfast._C  # noqa: F401  (registers the operators)
+
+    g = torch.Generator().manual_seed(3)
+    Zq, Zs, Ys = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(3, 9, 12), (3, 6, 12), (3, 6, 2)])
+    args = (0.2, 1, 0.5, via_weights)
+    want, status = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, *args)
+    got, got_status = torch.ops.ddfast.krr_predict_fwd(Zq.to(gpu_device), Zs.to(gpu_device), Ys.to(gpu_device), *args)
+    assert got.device == gpu_device and int(got_status) == int(status) == 0
+    torch.testing.assert_close(got.cpu(), want, atol=1e-10, rtol=1e-9)
+    torch.library.opcheck(torch.ops.ddfast.krr_predict_fwd.default,
+                          (Zq.to(gpu_device), Zs.to(gpu_device), Ys.to(gpu_device), *args))
