@@ -202,6 +202,8 @@ std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_cpu(const at::Tensor& Zq, con
   check_krr_predict_fwd(Zq, Zs, Ys, lam, reg, c);
   TORCH_CHECK(Zs.device().is_cpu(), "krr_predict_fwd: expected CPU tensors, got ", Zs.device());
   const int64_t N = Zs.size(-2), d = Zs.size(-1), M = Zq.size(-2), C = Ys.size(-1);
+  if (N > ddfast::cpu::kKrrPredictFwdMaxN)  // LAPACK factor: the same ATen calls as on CUDA
+    return krr_predict_fwd_composite(Zq, Zs, Ys, lam, reg, c, via_weights);
   auto [P, status] = ddfast::cpu::krr_predict_fwd(Zq.reshape({-1, M, d}), Zs.reshape({-1, N, d}),
                                                   Ys.reshape({-1, N, C}), lam, reg, c, via_weights);
   // A failed factor is reported by the status alone; the output keeps its shape.
@@ -291,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_composite(const at::Tensor& Z
   const at::Tensor alpha =
       at::cholesky_solve(Ys, at::where(ok, L, at::eye(K.size(1), K.options()).expand_as(K)), /*upper=*/false);
   at::Tensor P;
-  if (via_weights) {
-    P = at::matmul(Zq, at::matmul(Zst, alpha));
+  if (via_weights) {  // formed transposed, Pᵀ = (αᵀZs)Zqᵀ: the thin factor on the left (MKL's fast orientation)
+    P = at::matmul(at::matmul(alpha.transpose(1, 2), Zs), Zq.transpose(1, 2)).transpose(1, 2);
     if (c != 0.0) P = P + alpha.sum(1, /*keepdim=*/true) * c;
   } else {
     at::Tensor Kq = at::matmul(Zq, Zst);

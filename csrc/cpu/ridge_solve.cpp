@@ -26,6 +26,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kSmallN = 128;       // largest factor size for the fused per-problem path
+static_assert(kKrrPredictFwdMaxN == kSmallN, "krr_predict_fwd factors in place up to the small-path size");
 constexpr int64_t kSmallWork = 1 << 22;  // and at most this many multiply-adds per problem
 
 template <typename acc_t, typename a_t, typename b_t>
@@ -473,20 +474,13 @@ std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in, const a
               Zs_in.scalar_type(), " and ", Ys_in.scalar_type());
   const at::Tensor Zq = Zq_in.contiguous(), Zs = Zs_in.contiguous(), Ys = Ys_in.contiguous();
   const int64_t B = Zs.size(0), N = Zs.size(1), C = Ys.size(2);
+  TORCH_CHECK(N <= kKrrPredictFwdMaxN, "krr_predict_fwd: the in-place factor takes N ≤ ", kKrrPredictFwdMaxN,
+              ", got N = ", N, " (larger support sets: ddfast::ops::krr_predict_fwd_composite)");
   // One problem runs as 2-D GEMMs (MKL's batched path costs more at these sizes).
   const at::Tensor q = B == 1 ? Zq.select(0, 0) : Zq, z = B == 1 ? Zs.select(0, 0) : Zs;
   at::Tensor K = at::matmul(z, z.transpose(-1, -2)).contiguous();  // [(B,) N, N]
   at::Tensor alpha;
-  if (N > kSmallN) {  // LAPACK factor and solves (the per-problem loops below are for small N)
-    if (c != 0.0) K.add_(c);
-    at::Tensor Kb = K.view({B, N, N});
-    at::Tensor mu = at::full({B}, lam, K.options());
-    if (reg != 0) mu.mul_(Kb.diagonal(0, 1, 2).sum(1)).div_(reg == 1 ? double(N) : 1.0);
-    Kb.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
-    auto [L, info] = at::linalg_cholesky_ex(Kb, /*upper=*/false, /*check_errors=*/false);
-    if (info.ne(0).any().item<bool>()) return {at::empty({0}, Zs.options()), 1};
-    alpha = at::cholesky_solve(Ys, L, /*upper=*/false);
-  } else {  // factored in place, one problem per task
+  {  // factored in place, one problem per task
     alpha = at::empty({B, N, C}, Zs.options());
     std::vector<int> info(B, 0);
     AT_DISPATCH_FLOATING_TYPES(Zs.scalar_type(), "krr_predict_fwd", [&] {

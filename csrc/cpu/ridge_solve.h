@@ -16,6 +16,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd(
     const at::Tensor& G, const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& L,
     const at::Tensor& aux, bool primal, bool need_dz, bool need_dy, bool need_dmu);
 
+// Largest support size N krr_predict_fwd factors in place (larger: the ATen composite in ridge_solve_ops.cpp).
+constexpr int64_t kKrrPredictFwdMaxN = 128;
+
 // Forward-only kernel-ridge prediction P = (ZqZsᵀ + c)(ZsZsᵀ + c + μI)⁻¹Ys for Zq [B,M,d], Zs [B,N,d],
 // Ys [B,N,C] (dual form, one dtype): μ = λ (reg 0), λ·tr(K)/N (1) or λ·tr(K) (2) with K = ZsZsᵀ + c;
 // via_weights associates the product as Zq·(Zsᵀα). Returns (P [B,M,C], status): 0 ok, 1 a factor failed

@@ -781,9 +781,11 @@ def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
     Zk = append_bias(Z, bias) if bias else Z
     Zt = Zk.mT
     eye = torch.eye(Zk.shape[-2], dtype=Zk.dtype, device=Zk.device)
-    if reg == "absolute" and not isinstance(lam, torch.Tensor):
-        A = torch.addmm(eye, Zk, Zt, beta=float(lam)) if Zk.dim() == 2 else torch.baddbmm(
-            eye, Zk, Zt, beta=float(lam)) if Zk.dim() == 3 else Zk @ Zt + float(lam) * eye
+    if reg == "absolute" and not isinstance(lam, torch.Tensor) and Zk.dim() == 2:
+        A = torch.addmm(eye, Zk, Zt, beta=float(lam))
+    elif reg == "absolute" and not isinstance(lam, torch.Tensor):
+        A = torch.baddbmm(eye, Zk.reshape((-1,) + Zk.shape[-2:]), Zt.reshape((-1,) + Zt.shape[-2:]),
+                          beta=float(lam)).reshape(Zk.shape[:-1] + Zk.shape[-2:-1])
     else:
         A = Zk @ Zt + _mu(Z, lam, reg, detach_reg, bias, sd).reshape(Z.shape[:-2] + (1, 1)) * eye
     info = torch.linalg.cholesky_ex(A.detach())[1]
@@ -806,8 +808,6 @@ def _forward_only(Zq, Zs, Ys, lam, reg, bias, via_weights, check_finite):
         if lam.numel() != 1:
             return None
         lam = lam.item()
-    if Zq.dim() != Zs.dim():
-        return None
     P, status = torch.ops.ddfast.krr_predict_fwd.default(Zq, Zs, Ys, float(lam), _REG_CODE[reg], bias_value(bias), via_weights)
     status = status.item()
     if status == 1 or (status == 2 and _checking(check_finite)):
