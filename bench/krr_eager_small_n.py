@@ -4,8 +4,8 @@ small support sizes, where the per-call cost (not the GEMMs) decides. One CSV ro
     OMP_NUM_THREADS=1 python bench/krr_eager_small_n.py --N 10 16 32 64 128 --d 512 2048 8192
 
 fwd runs under ``torch.no_grad`` (the op's one-call forward); fwd+bwd asks for the gradients of the support
-features and targets for a fixed random grad_output (the lean path at N ≤ LEAN_MAX_N, the fused Functions
-above). Times are process CPU time per call, the minimum over ``--rounds`` rounds of ``--calls`` calls with
+features and targets for a fixed random grad_output (the operators with their closed-form backward at
+N ≤ ONE_CALL_GRAD_MAX_N, the fused Functions above). Times are process CPU time per call, the minimum over ``--rounds`` rounds of ``--calls`` calls with
 the two providers interleaved (the minimum is the statistic least moved by other load on the machine);
 ratio = eager / op (> 1: the op is faster).
 """

@@ -67,6 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_dmu"));
   m.def("krr_predict_fwd_composite", &ddfast::ops::krr_predict_fwd_composite, py::arg("Zq"), py::arg("Zs"),
         py::arg("Ys"), py::arg("lam"), py::arg("reg"), py::arg("c"), py::arg("via_weights"));
+  m.def("krr_predict_bwd_composite", &ddfast::ops::krr_predict_bwd_composite, py::arg("G"), py::arg("Zq"),
+        py::arg("Zs"), py::arg("L"), py::arg("alpha"), py::arg("c"), py::arg("trace_coef"), py::arg("need_dzq"),
+        py::arg("need_dzs"), py::arg("need_dys"));
 
   // Plain CPU functions (prefer torch.ops.ddfast.*).
   m.def("ridge_solve_fwd", &ridge_solve_fwd_checked, py::arg("Z"), py::arg("Y"), py::arg("mu"), py::arg("primal"),

@@ -9,10 +9,17 @@
 //   ridge_solve_bwd(G[B,d,C], Z, Y, L, aux, primal, need_dz, need_dy, need_dmu) -> dZ, dY, dmu
 //       (undefined where not needed)
 //   cholesky_solve(R[B,n,C], L[B,n,n]) -> (LLᵀ)⁻¹R in L's dtype
-//   krr_predict_fwd(Zq[...,M,d], Zs[...,N,d], Ys[...,N,C], lam, reg, c, via_weights) -> P[...,M,C], status[]
-//       forward only, dual, one dtype: P = (ZqZsᵀ + c)(K + μI)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0),
-//       λ·tr(K)/N (1), λ·tr(K) (2); status 0 ok, 1 a factor failed (P empty), 2 non-finite P.
-//       The whole small-support prediction in one call (no autograd, no per-op overhead).
+//   krr_predict_fwd(Zq[...,M,d], Zs[...,N,d], Ys[...,N,C], lam, reg, c, via_weights)
+//           -> P[...,M,C], L[...,N,N], alpha[...,N,C], status[]
+//       dual, one dtype: P = (ZqZsᵀ + c)α, α = (K + μI)⁻¹Ys = (LLᵀ)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0),
+//       λ·tr(K)/N (1), λ·tr(K) (2); status 0 ok, 1 a factor failed (P zeros), 2 non-finite P.
+//       The whole small-support prediction in one call (no per-op overhead); L and α are what the
+//       backward reuses.
+//   krr_predict_bwd(G[...,M,C], Zq, Zs, L, alpha, c, trace_coef, need_dzq, need_dzs, need_dys) -> dZq, dZs, dYs
+//       the closed-form backward of krr_predict_fwd (undefined where not needed), with H = GᵀZq,
+//       β = (LLᵀ)⁻¹(HZsᵀ + c·1ᵀG)ᵀ:  dYs = β,  dZq = G(αᵀZs),
+//       dZs = αH − (βαᵀ + αβᵀ)Zs + 2·trace_coef·dμ·Zs,  dμ = −Σ β∘α
+//       (trace_coef = ∂μ/∂tr(K): 0 for reg 0 or a detached regulariser, λ/N for reg 1, λ for reg 2).
 //
 // The CUDA forward / backward run one block per problem with the factor in shared memory; when the
 // problem does not fit (n > ridge_solve_max_n(), shared memory above the device's opt-in limit, or
@@ -131,6 +138,39 @@ std::vector<int64_t> krr_predict_fwd_shape(const at::Tensor& Zq, const at::Tenso
   return shape;
 }
 
+void check_krr_predict_bwd(const at::Tensor& G, const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& L,
+                           const at::Tensor& alpha, double c, double trace_coef) {
+  constexpr const char* op = "krr_predict_bwd";
+  TORCH_CHECK(Zs.defined() && Zs.dim() >= 2, op, ": Zs: expected shape [..., N, d], got ",
+              Zs.defined() ? Zs.sizes() : c10::IntArrayRef{});
+  const int64_t r = Zs.dim(), N = Zs.size(r - 2), d = Zs.size(r - 1);
+  const auto lead = Zs.sizes().slice(0, r - 2);
+  TORCH_CHECK(Zq.defined() && Zq.dim() == r && Zq.sizes().slice(0, r - 2) == lead && Zq.size(r - 1) == d, op,
+              ": Zq: expected shape [..., M, d] with the batch dims and d of Zs ", Zs.sizes(), ", got ",
+              Zq.defined() ? Zq.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(alpha.defined() && alpha.dim() == r && alpha.sizes().slice(0, r - 2) == lead && alpha.size(r - 2) == N,
+              op, ": alpha: expected shape [..., N, C] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
+              alpha.defined() ? alpha.sizes() : c10::IntArrayRef{});
+  const int64_t M = Zq.size(r - 2), C = alpha.size(r - 1);
+  TORCH_CHECK(L.defined() && L.dim() == r && L.sizes().slice(0, r - 2) == lead && L.size(r - 2) == N &&
+                  L.size(r - 1) == N,
+              op, ": L: expected shape [..., N, N] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
+              L.defined() ? L.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(G.defined() && G.dim() == r && G.sizes().slice(0, r - 2) == lead && G.size(r - 2) == M &&
+                  G.size(r - 1) == C,
+              op, ": G: expected shape [..., M, C] like P, got ", G.defined() ? G.sizes() : c10::IntArrayRef{});
+  check_float(Zs, op, "Zs");
+  for (const auto& [x, name] : {std::pair<const at::Tensor&, const char*>{G, "G"}, {Zq, "Zq"}, {L, "L"},
+                                {alpha, "alpha"}}) {
+    check_same_dtype(x, name, Zs, "Zs", op);
+    check_same_device(x, name, Zs, "Zs", op);
+  }
+  TORCH_CHECK(N > 0 && d > 0, op, ": Zs: expected N, d ≥ 1, got ", Zs.sizes());
+  TORCH_CHECK(std::isfinite(c) && c >= 0, op, ": c: expected a finite kernel constant ≥ 0, got ", c);
+  TORCH_CHECK(std::isfinite(trace_coef) && trace_coef >= 0, op, ": trace_coef: expected a finite value ≥ 0, got ",
+              trace_coef);
+}
+
 namespace {
 
 // Forward outputs allocated like the kernels do (also the Meta implementation).
@@ -165,10 +205,29 @@ at::Tensor cholesky_solve_meta(const at::Tensor& R, const at::Tensor& L) {
   return at::empty({R.size(0), R.size(2), R.size(1)}, L.options()).transpose(1, 2);
 }
 
-std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_meta(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
-                                                        double lam, int64_t reg, double c, bool via_weights) {
+// The shape of L [..., N, N] as the forward returns it (α has the shape of Ys).
+std::vector<int64_t> krr_factor_shape(const at::Tensor& Zs) {
+  std::vector<int64_t> shape(Zs.sizes().begin(), Zs.sizes().end());
+  shape.back() = Zs.size(-2);
+  return shape;
+}
+
+KrrFwdOut krr_predict_fwd_meta(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
+                               int64_t reg, double c, bool via_weights) {
   check_krr_predict_fwd(Zq, Zs, Ys, lam, reg, c);
-  return {at::empty(krr_predict_fwd_shape(Zq, Ys), Zs.options()), at::empty({}, Zs.options().dtype(at::kInt))};
+  return {at::empty(krr_predict_fwd_shape(Zq, Ys), Zs.options()), at::empty(krr_factor_shape(Zs), Zs.options()),
+          at::empty(Ys.sizes(), Zs.options()), at::empty({}, Zs.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_meta(const at::Tensor& G, const at::Tensor& Zq,
+                                                                    const at::Tensor& Zs, const at::Tensor& L,
+                                                                    const at::Tensor& alpha, double c,
+                                                                    double trace_coef, bool need_dzq, bool need_dzs,
+                                                                    bool need_dys) {
+  check_krr_predict_bwd(G, Zq, Zs, L, alpha, c, trace_coef);
+  return {need_dzq ? at::empty(Zq.sizes(), Zs.options()) : at::Tensor(),
+          need_dzs ? at::empty(Zs.sizes(), Zs.options()) : at::Tensor(),
+          need_dys ? at::empty(alpha.sizes(), Zs.options()) : at::Tensor()};
 }
 
 // ---------------------------------------------------------------- CPU
@@ -197,18 +256,27 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& R, const at::Tensor& L) {
   return ddfast::cpu::cholesky_solve(R, L);
 }
 
-std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_cpu(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
-                                                       double lam, int64_t reg, double c, bool via_weights) {
+KrrFwdOut krr_predict_fwd_cpu(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
+                              int64_t reg, double c, bool via_weights) {
   check_krr_predict_fwd(Zq, Zs, Ys, lam, reg, c);
   TORCH_CHECK(Zs.device().is_cpu(), "krr_predict_fwd: expected CPU tensors, got ", Zs.device());
   const int64_t N = Zs.size(-2), d = Zs.size(-1), M = Zq.size(-2), C = Ys.size(-1);
   if (N > ddfast::cpu::kKrrPredictFwdMaxN)  // LAPACK factor: the same ATen calls as on CUDA
     return krr_predict_fwd_composite(Zq, Zs, Ys, lam, reg, c, via_weights);
-  auto [P, status] = ddfast::cpu::krr_predict_fwd(Zq.reshape({-1, M, d}), Zs.reshape({-1, N, d}),
-                                                  Ys.reshape({-1, N, C}), lam, reg, c, via_weights);
-  // A failed factor is reported by the status alone; the output keeps its shape.
+  auto [P, L, alpha, status] = ddfast::cpu::krr_predict_fwd(Zq.reshape({-1, M, d}), Zs.reshape({-1, N, d}),
+                                                            Ys.reshape({-1, N, C}), lam, reg, c, via_weights);
+  // A failed factor is reported by the status alone; the outputs keep their shapes.
   P = status == 1 ? at::zeros(krr_predict_fwd_shape(Zq, Ys), Zs.options()) : P.view(krr_predict_fwd_shape(Zq, Ys));
-  return {P, at::scalar_tensor(status, Zs.options().dtype(at::kInt))};
+  return {P, L.view(krr_factor_shape(Zs)), alpha.view(Ys.sizes()), at::scalar_tensor(status, Zs.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_cpu(const at::Tensor& G, const at::Tensor& Zq,
+                                                                   const at::Tensor& Zs, const at::Tensor& L,
+                                                                   const at::Tensor& alpha, double c,
+                                                                   double trace_coef, bool need_dzq, bool need_dzs,
+                                                                   bool need_dys) {
+  TORCH_CHECK(Zs.device().is_cpu(), "krr_predict_bwd: expected CPU tensors, got ", Zs.device());
+  return krr_predict_bwd_composite(G, Zq, Zs, L, alpha, c, trace_coef, need_dzq, need_dzs, need_dys);
 }
 
 }  // namespace
@@ -275,9 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_composite(const a
   return {dZ, dY, dmu};
 }
 
-std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_composite(const at::Tensor& Zq_in, const at::Tensor& Zs_in,
-                                                             const at::Tensor& Ys_in, double lam, int64_t reg,
-                                                             double c, bool via_weights) {
+KrrFwdOut krr_predict_fwd_composite(const at::Tensor& Zq_in, const at::Tensor& Zs_in, const at::Tensor& Ys_in,
+                                    double lam, int64_t reg, double c, bool via_weights) {
   check_krr_predict_fwd(Zq_in, Zs_in, Ys_in, lam, reg, c);
   const int64_t N = Zs_in.size(-2), d = Zs_in.size(-1), M = Zq_in.size(-2), C = Ys_in.size(-1);
   const at::Tensor Zq = Zq_in.reshape({-1, M, d}), Zs = Zs_in.reshape({-1, N, d}), Ys = Ys_in.reshape({-1, N, C});
@@ -304,7 +371,56 @@ std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_composite(const at::Tensor& Z
   P = at::where(failed, at::zeros_like(P), P).reshape(krr_predict_fwd_shape(Zq_in, Ys_in));
   const at::Tensor status =
       at::where(failed, failed.to(at::kInt), at::isfinite(P).all().logical_not().to(at::kInt).mul(2)).to(at::kInt);
-  return {P, status.reshape({})};
+  return {P, L.reshape(krr_factor_shape(Zs_in)), alpha.reshape(Ys_in.sizes()), status.reshape({})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_composite(const at::Tensor& G_in, const at::Tensor& Zq_in,
+                                                                         const at::Tensor& Zs_in, const at::Tensor& L_in,
+                                                                         const at::Tensor& alpha_in, double c,
+                                                                         double trace_coef, bool need_dzq,
+                                                                         bool need_dzs, bool need_dys) {
+  check_krr_predict_bwd(G_in, Zq_in, Zs_in, L_in, alpha_in, c, trace_coef);
+  const int64_t N = Zs_in.size(-2), d = Zs_in.size(-1), M = Zq_in.size(-2), C = alpha_in.size(-1);
+  const int64_t B = Zs_in.numel() / (N * d);
+  at::Tensor dZq, dZs, dYs;
+  if (!(need_dzq || need_dzs || need_dys)) return {dZq, dZs, dYs};
+  // One problem runs as 2-D GEMMs (MKL's batched path costs more at these sizes).
+  const auto view = [B](const at::Tensor& x, int64_t r, int64_t k) {
+    return B == 1 ? x.reshape({r, k}) : x.reshape({-1, r, k});
+  };
+  const at::Tensor G = view(G_in, M, C), Zq = view(Zq_in, M, d), Zs = view(Zs_in, N, d);
+  const at::Tensor L = view(L_in, N, N), alpha = view(alpha_in, N, C);
+  const auto T = [](const at::Tensor& x) { return x.transpose(-1, -2); };
+  if (need_dzq)  // dZq = G(αᵀZs)
+    dZq = at::matmul(G, at::matmul(T(alpha), Zs)).reshape(Zq_in.sizes());
+  if (!(need_dzs || need_dys)) return {dZq, dZs, dYs};
+  const at::Tensor H = at::matmul(T(G), Zq);  // GᵀZq [C, d]: the only pass over the queries
+  at::Tensor galpha_t = at::matmul(H, T(Zs));   // (K_qsᵀG)ᵀ = HZsᵀ (+ c·1ᵀG) [C, N]
+  if (c != 0.0) galpha_t.add_(G.sum(-2).unsqueeze(-1), c);
+  // β = (LLᵀ)⁻¹ K_qsᵀG: the in-place small solve on CPU, LAPACK / cuSOLVER otherwise.
+  const at::Tensor R = T(galpha_t), L3 = B == 1 ? L.unsqueeze(0) : L;
+  at::Tensor beta = (L.is_cpu() && N <= ddfast::cpu::kKrrPredictFwdMaxN)
+                        ? ddfast::cpu::cholesky_solve(B == 1 ? R.unsqueeze(0) : R, L3)
+                        : at::cholesky_solve(B == 1 ? R.unsqueeze(0) : R, L3, /*upper=*/false);
+  if (B == 1) beta = beta.squeeze(0);
+  if (need_dys) dYs = beta.contiguous().reshape(alpha_in.sizes());
+  if (need_dzs) {
+    // S = −(βαᵀ + αβᵀ) + 2·trace_coef·dμ·I, dμ = −Σ β∘α;  dZs = αH + S·Zs
+    const at::Tensor BA = at::matmul(beta, T(alpha));
+    at::Tensor S = BA + T(BA);
+    S.neg_();
+    if (trace_coef != 0.0) {
+      const at::Tensor dmu = (beta * alpha).sum({-2, -1}).neg();
+      S.diagonal(0, -2, -1).add_(dmu.unsqueeze(-1).mul(2.0 * trace_coef));
+    }
+    dZs = at::matmul(alpha, H);
+    if (B == 1)
+      dZs.addmm_(S, Zs);
+    else
+      dZs.baddbmm_(S, Zs);
+    dZs = dZs.reshape(Zs_in.sizes());
+  }
+  return {dZq, dZs, dYs};
 }
 
 // ---------------------------------------------------------------- CUDA
@@ -380,11 +496,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd_cuda(const at::Te
   return {dZ, dY, dmu};
 }
 
-std::tuple<at::Tensor, at::Tensor> krr_predict_fwd_cuda(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
-                                                        double lam, int64_t reg, double c, bool via_weights) {
+KrrFwdOut krr_predict_fwd_cuda(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
+                               int64_t reg, double c, bool via_weights) {
   TORCH_CHECK(Zs.is_cuda(), "krr_predict_fwd: expected CUDA tensors, got ", Zs.device());
   const c10::cuda::CUDAGuard guard(Zs.device());
   return krr_predict_fwd_composite(Zq, Zs, Ys, lam, reg, c, via_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_cuda(const at::Tensor& G, const at::Tensor& Zq,
+                                                                    const at::Tensor& Zs, const at::Tensor& L,
+                                                                    const at::Tensor& alpha, double c,
+                                                                    double trace_coef, bool need_dzq, bool need_dzs,
+                                                                    bool need_dys) {
+  TORCH_CHECK(Zs.is_cuda(), "krr_predict_bwd: expected CUDA tensors, got ", Zs.device());
+  const c10::cuda::CUDAGuard guard(Zs.device());
+  return krr_predict_bwd_composite(G, Zq, Zs, L, alpha, c, trace_coef, need_dzq, need_dzs, need_dys);
 }
 
 at::Tensor cholesky_solve_cuda(const at::Tensor& R, const at::Tensor& L) {
@@ -406,7 +532,9 @@ TORCH_LIBRARY_FRAGMENT(ddfast, m) {
         "bool need_dy, bool need_dmu) -> (Tensor dZ, Tensor dY, Tensor dmu)");
   m.def("cholesky_solve(Tensor R, Tensor L) -> Tensor");
   m.def("krr_predict_fwd(Tensor Zq, Tensor Zs, Tensor Ys, float lam, int reg, float c, bool via_weights) -> "
-        "(Tensor P, Tensor status)");
+        "(Tensor P, Tensor L, Tensor alpha, Tensor status)");
+  m.def("krr_predict_bwd(Tensor G, Tensor Zq, Tensor Zs, Tensor L, Tensor alpha, float c, float trace_coef, "
+        "bool need_dzq, bool need_dzs, bool need_dys) -> (Tensor dZq, Tensor dZs, Tensor dYs)");
 }
 
 TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
@@ -414,6 +542,7 @@ TORCH_LIBRARY_IMPL(ddfast, CPU, m) {
   m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_cpu);
   m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_cpu);
   m.impl("krr_predict_fwd", &ddfast::ops::krr_predict_fwd_cpu);
+  m.impl("krr_predict_bwd", &ddfast::ops::krr_predict_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ddfast, Meta, m) {
@@ -421,6 +550,7 @@ TORCH_LIBRARY_IMPL(ddfast, Meta, m) {
   m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_meta);
   m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_meta);
   m.impl("krr_predict_fwd", &ddfast::ops::krr_predict_fwd_meta);
+  m.impl("krr_predict_bwd", &ddfast::ops::krr_predict_bwd_meta);
 }
 
 #ifdef DDFAST_WITH_CUDA
@@ -429,5 +559,6 @@ TORCH_LIBRARY_IMPL(ddfast, CUDA, m) {
   m.impl("ridge_solve_bwd", &ddfast::ops::ridge_solve_bwd_cuda);
   m.impl("cholesky_solve", &ddfast::ops::cholesky_solve_cuda);
   m.impl("krr_predict_fwd", &ddfast::ops::krr_predict_fwd_cuda);
+  m.impl("krr_predict_bwd", &ddfast::ops::krr_predict_bwd_cuda);
 }
 #endif

@@ -48,6 +48,10 @@ FUZZ = textwrap.dedent(
         if name == "krr_predict_fwd":
             return [torch.randn(2, 6, 4, dtype=F64), torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 3, 2, dtype=F64),
                     0.5, 1, 0.25, True]
+        if name == "krr_predict_bwd":
+            Zq, Zs, Ys = torch.randn(2, 6, 4, dtype=F64), torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 3, 2, dtype=F64)
+            _, L, alpha, _ = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, 0.5, 1, 0.25, False)
+            return [torch.randn(2, 6, 2, dtype=F64), Zq, Zs, L, alpha, 0.25, 0.5 / 3, True, True, True]
         if name == "relu_max_pool2d_fwd":
             return [torch.randn(2, 3, 5, 6)]
         if name == "relu_max_pool2d_bwd":

@@ -96,17 +96,27 @@ def test_float64_gradcheck_on_device(gpu_device):
 
 
 @pytest.mark.parametrize("via_weights", [False, True])
-def test_krr_predict_fwd_operator_on_device(gpu_device, via_weights):
-    """torch.ops.ddfast.krr_predict_fwd (the one-call forward) on the device's implementation (CUDA: ATen
-    calls under a device guard) against the CPU kernel, and opcheck of its registration there."""
+def test_krr_predict_operators_on_device(gpu_device, via_weights):
+    """torch.ops.ddfast.krr_predict_fwd / krr_predict_bwd (the one-call forward and its closed-form backward)
+    on the device's implementation (CUDA: ATen calls under a device guard) against the CPU kernels, and
+    opcheck of their registration there."""
     import ddfast._C  # noqa: F401  (registers the operators)
 
     g = torch.Generator().manual_seed(3)
     Zq, Zs, Ys = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(3, 9, 12), (3, 6, 12), (3, 6, 2)])
+    dev = lambda *xs: tuple(x.to(gpu_device) for x in xs)  # noqa: E731
     args = (0.2, 1, 0.5, via_weights)
-    want, status = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, *args)
-    got, got_status = torch.ops.ddfast.krr_predict_fwd(Zq.to(gpu_device), Zs.to(gpu_device), Ys.to(gpu_device), *args)
-    assert got.device == gpu_device and int(got_status) == int(status) == 0
-    torch.testing.assert_close(got.cpu(), want, atol=1e-10, rtol=1e-9)
-    torch.library.opcheck(torch.ops.ddfast.krr_predict_fwd.default,
-                          (Zq.to(gpu_device), Zs.to(gpu_device), Ys.to(gpu_device), *args))
+    want = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, *args)
+    got = torch.ops.ddfast.krr_predict_fwd(*dev(Zq, Zs, Ys), *args)
+    assert got[0].device == gpu_device and int(got[3]) == int(want[3]) == 0
+    for a, b in zip(got[:3], want[:3]):  # P, L, α
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-9)
+    torch.library.opcheck(torch.ops.ddfast.krr_predict_fwd.default, (*dev(Zq, Zs, Ys), *args))
+    G = torch.randn(3, 9, 2, generator=g, dtype=torch.float64)
+    bwd_args = (0.5, 0.2 / 6, True, True, True)
+    want = torch.ops.ddfast.krr_predict_bwd(G, Zq, Zs, want[1], want[2], *bwd_args)
+    got_b = torch.ops.ddfast.krr_predict_bwd(*dev(G, Zq, Zs), got[1], got[2], *bwd_args)
+    for a, b in zip(got_b, want):
+        assert a.device == gpu_device
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-9)
+    torch.library.opcheck(torch.ops.ddfast.krr_predict_bwd.default, (*dev(G, Zq, Zs), got[1], got[2], *bwd_args))

@@ -29,6 +29,7 @@ COMPILED_OPS = {
                                 torch.randn(3, 2, 5, **F64), False),
     "krr_predict_fwd": lambda: (torch.randn(2, 6, 4, **F64), torch.randn(2, 3, 4, **F64), torch.randn(2, 3, 2, **F64),
                                 0.5, 1, 0.25, True),
+    "krr_predict_bwd": None,  # built from a forward below
     "relu_max_pool2d_fwd": lambda: (torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last),),
     "relu_max_pool2d_bwd": None,
 }
@@ -42,6 +43,10 @@ def _args(name, primal=False):
     if name == "relu_max_pool2d_bwd":
         _, code = torch.ops.ddfast.relu_max_pool2d_fwd(torch.randn(2, 3, 5, 6))
         return (torch.randn(2, 3, 2, 3), code, 5, 6, False)
+    if name == "krr_predict_bwd":
+        Zq, Zs, Ys = COMPILED_OPS["krr_predict_fwd"]()[:3]
+        _, L, alpha, _ = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, 0.5, 1, 0.25, False)
+        return (torch.randn(2, 6, 2, **F64), Zq, Zs, L, alpha, 0.25, 0.5 / 3, True, True, True)
     return COMPILED_OPS[name]()
 
 
@@ -110,12 +115,25 @@ def test_cuda_krr_forward_matches_the_cpu_kernel(via_weights, reg, c):
         Zq, Zs, Ys = torch.randn(*lead, 7, 5, **F64), torch.randn(*lead, 4, 5, **F64), torch.randn(*lead, 4, 2, **F64)
         want = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, 0.3, reg, c, via_weights)
         got = ext.krr_predict_fwd_composite(Zq, Zs, Ys, 0.3, reg, c, via_weights)
-        assert int(got[1]) == int(want[1]) == 0
-        torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+        assert int(got[3]) == int(want[3]) == 0
+        for g, w in zip(got[:3], want[:3]):  # P, L, α
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+        # the backward: the composite (CUDA) against the CPU implementation, each gradient on its own too
+        G = torch.randn(*lead, 7, 2, **F64)
+        coef = (0.0, 0.3 / 4, 0.3)[reg]
+        full = torch.ops.ddfast.krr_predict_bwd(G, Zq, Zs, want[1], want[2], c, coef, True, True, True)
+        for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+            comp = ext.krr_predict_bwd_composite(G, Zq, Zs, want[1], want[2], c, coef, *need)
+            for f, g, n in zip(full, comp, need):
+                if n:
+                    torch.testing.assert_close(g, f, atol=1e-12, rtol=1e-10)
+                else:
+                    assert g is None
     Zs = torch.full((2, 4, 5), float("nan"), **F64)
-    P, status = ext.krr_predict_fwd_composite(torch.randn(2, 3, 5, **F64), Zs, torch.randn(2, 4, 1, **F64), 0.3, reg, c,
-                                              via_weights)
-    assert int(status) == 1 and P.shape == (2, 3, 1)
+    P, L, alpha, status = ext.krr_predict_fwd_composite(torch.randn(2, 3, 5, **F64), Zs, torch.randn(2, 4, 1, **F64),
+                                                        0.3, reg, c, via_weights)
+    assert int(status) == 1 and P.shape == (2, 3, 1) and L.shape == (2, 4, 4) and alpha.shape == (2, 4, 1)
 
 
 def test_cuda_route_reports_a_failed_factor():

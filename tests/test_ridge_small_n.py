@@ -1,7 +1,7 @@
 """The ridge ops' per-call path: plans made once per argument signature (λ re-checked on every call), the
 one-sum finiteness check, the forward without an autograd node when no derivative can be asked for, and
-krr_predict's lean torch-op path for small support sets (auto only), with the same results, derivatives,
-checks and jitter policy as the fused path."""
+krr_predict's operator path on the cpu backend (``krr_predict_fwd`` / ``krr_predict_bwd`` through
+KrrPredictDualFunction), with the same results, derivatives, checks and jitter policy as the fused path."""
 
 from __future__ import annotations
 
@@ -38,24 +38,91 @@ def _inputs(N=6, d=9, M=5, C=3, dtype=torch.float64, seed=0):
             torch.randn(N, C, generator=g, dtype=dtype))
 
 
+def _fused_only(monkeypatch):
+    """Route krr_predict past the operator path (the fused Functions)."""
+    monkeypatch.setattr(rs, "_one_call", lambda *a: None)
+
+
+def _grads(f, *xs, G=None):
+    P = f(*xs)
+    G = torch.randn_like(P) if G is None else G
+    return P, G, torch.autograd.grad(P, [x for x in xs if x.requires_grad], G)
+
+
+@pytest.mark.parametrize("detach_reg", [False, True])
 @pytest.mark.parametrize("bias", [False, True, 0.25])
-@pytest.mark.parametrize("reg", ["absolute", "trace_mean"])
-def test_lean_path_matches_fused_and_reference(monkeypatch, bias, reg):
-    calls = _counting(monkeypatch, "_lean_solve")
-    forward = _counting(monkeypatch, "_forward_only")
-    Zq, Zs, Ys = _inputs()
+@pytest.mark.parametrize("reg", ["absolute", "trace_mean", "trace"])
+def test_operator_path_matches_fused_and_reference(monkeypatch, bias, reg, detach_reg):
+    """Values and first derivatives (Zq, Zs, Ys) of the operator path against the fused Functions and the
+    float64 reference, both associations of the product (M = 5: K_qs·α; M = 40: Zq·W)."""
+    calls = []
+    fn = rs._one_call
+    monkeypatch.setattr(rs, "_one_call", lambda *a: calls.append(a[-1]) or fn(*a))
     lam = 0.3 if reg == "absolute" else 0.05
-    P = krr_predict(Zq, Zs.requires_grad_(), Ys, lam, reg=reg, bias=bias)
-    assert calls and not forward, "auto at N = 6 on CPU takes the lean path (torch ops when a derivative can be asked)"
-    with torch.no_grad():
-        P_fwd = krr_predict(Zq, Zs, Ys, lam, reg=reg, bias=bias)
-    assert len(calls) == 1 and forward, "no derivative possible: the one-call forward"
-    n, m = len(calls), len(forward)
-    P_cpu = krr_predict(Zq, Zs, Ys, lam, reg=reg, bias=bias, backend="cpu")
-    assert len(calls) == n and len(forward) == m, "a backend asked for by name never takes the lean path"
-    torch.testing.assert_close(P.detach(), P_cpu.detach(), **F64)
-    torch.testing.assert_close(P_fwd, P_cpu.detach(), **F64)
-    torch.testing.assert_close(P_fwd, krr_predict_ref(Zq, Zs.detach(), Ys, lam, reg=reg, bias=bias), **F64)
+    for M in (5, 40):
+        Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(M=M))
+        kw = dict(reg=reg, bias=bias, detach_reg=detach_reg)
+        P, G, got = _grads(lambda *a: krr_predict(*a, lam, **kw), Zq, Zs, Ys)
+        assert calls[-1] is False, "a derivative can be asked for: the operators with their backward"
+        assert "KrrPredictDual" in type(P.grad_fn).__name__
+        _, _, want = _grads(lambda *a: krr_predict_ref(*a, lam, **kw), Zq, Zs, Ys, G=G)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **F64)
+        torch.testing.assert_close(P.detach(), krr_predict_ref(Zq, Zs, Ys, lam, **kw).detach(), **F64)
+        with torch.no_grad():
+            P_fwd = krr_predict(Zq, Zs, Ys, lam, **kw)
+        assert calls[-1] is True, "no derivative possible: the one-call forward alone"
+        torch.testing.assert_close(P_fwd, P.detach(), **F64)
+        n = len(calls)
+        with monkeypatch.context() as m:
+            _fused_only(m)
+            _, _, fused = _grads(lambda *a: krr_predict(*a, lam, **kw), Zq, Zs, Ys, G=G)
+        for g, w in zip(got, fused):
+            torch.testing.assert_close(g, w, **F64)
+        assert len(calls) == n
+
+
+def test_operator_path_computes_only_the_gradients_asked_for():
+    Zq, Zs, Ys = _inputs()
+    for which in ("Zq", "Zs", "Ys"):
+        args = {k: x.clone().requires_grad_(k == which) for k, x in dict(Zq=Zq, Zs=Zs, Ys=Ys).items()}
+        P = krr_predict(args["Zq"], args["Zs"], args["Ys"], 0.3, reg="trace_mean")
+        (g,) = torch.autograd.grad(P, args[which], torch.ones_like(P))
+        ref = {k: x.detach().requires_grad_(k == which) for k, x in args.items()}
+        R = krr_predict_ref(ref["Zq"], ref["Zs"], ref["Ys"], 0.3, reg="trace_mean")
+        (w,) = torch.autograd.grad(R, ref[which], torch.ones_like(R))
+        torch.testing.assert_close(g, w, **F64)
+    # the operator itself: an output not asked for is undefined (None)
+    P, L, alpha, status = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, 0.3, 0, 0.0, False)
+    out = torch.ops.ddfast.krr_predict_bwd(torch.randn_like(P), Zq, Zs, L, alpha, 0.0, 0.0, False, True, False)
+    assert out[0] is None and out[2] is None and out[1].shape == Zs.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
+def test_operator_path_gradients_on_batches(batch, dtype):
+    """Gradients through the operators on batched support sets up to ONE_CALL_GRAD_MAX_N (in-place factor)
+    and one above it (the fused Functions), against the float64 reference; float32 within 2× the
+    reference's own float32 error + 1e-5 (relative to the largest entry)."""
+    g = torch.Generator().manual_seed(len(batch))
+    limit = rs.ONE_CALL_GRAD_MAX_N["cpu"]
+    for N, d, M in [(1, 3, 2), (7, 12, 9), (limit, limit + 4, 6), (limit + 1, limit + 8, 3)]:
+        xs64 = [torch.randn(*batch, r, c, generator=g, dtype=torch.float64) for r, c in [(M, d), (N, d), (N, 2)]]
+        kw = dict(reg="trace_mean", bias=0.5)
+        want_P, G, want = _grads(lambda *a: krr_predict_ref(*a, 0.02, **kw), *(x.clone().requires_grad_() for x in xs64))
+        got_P, _, got = _grads(lambda *a: krr_predict(*a, 0.02, **kw),
+                               *(x.to(dtype).requires_grad_() for x in xs64), G=G.to(dtype))
+        assert got_P.shape == want_P.shape and got_P.dtype == dtype
+        if dtype == torch.float64:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, **F64)
+            continue
+        _, _, ref32 = _grads(lambda *a: krr_predict_ref(*a, 0.02, **kw),
+                             *(x.float().requires_grad_() for x in xs64), G=G.float())
+        for a, r, w in zip(got, ref32, want):
+            scale = w.abs().max()
+            err, ref_err = (a.double() - w).abs().max() / scale, (r.double() - w).abs().max() / scale
+            assert err <= 2 * ref_err + 1e-5, (N, err, ref_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -66,8 +133,8 @@ def test_forward_only_call_matches_reference(monkeypatch, dtype, batch, reg, bia
     both associations (M = 2: K_qs·α; M = 40: Zq·W), the in-place factor (N ≤ 128) and LAPACK's (N = 130), against the float64 reference; float32 within 2× the
     reference's own float32 error + 1e-5."""
     taken = []
-    fn = rs._forward_only
-    monkeypatch.setattr(rs, "_forward_only", lambda *a: taken.append(fn(*a)) or taken[-1])
+    fn = rs._one_call
+    monkeypatch.setattr(rs, "_one_call", lambda *a: taken.append(fn(*a)) or taken[-1])
     g = torch.Generator().manual_seed(len(batch) + 7 * len(reg))
     for N, d, M in [(1, 3, 2), (5, 8, 2), (16, 20, 40), (40, 45, 3), (130, 140, 5)]:  # N > 128: LAPACK factor
         Zq, Zs, Ys = (torch.randn(*batch, r, c, generator=g, dtype=torch.float64) for r, c in [(M, d), (N, d), (N, 3)])
@@ -86,8 +153,10 @@ def test_forward_only_call_matches_reference(monkeypatch, dtype, batch, reg, bia
 def test_forward_only_op_checks_its_arguments():
     op = torch.ops.ddfast.krr_predict_fwd.default
     Zq, Zs, Ys = _inputs()
-    P, status = op(Zq, Zs, Ys, 0.3, 0, 0.0, False)
-    assert int(status) == 0 and P.shape == (5, 3)
+    P, L, alpha, status = op(Zq, Zs, Ys, 0.3, 0, 0.0, False)
+    assert int(status) == 0 and P.shape == (5, 3) and L.shape == (6, 6) and alpha.shape == (6, 3)
+    torch.testing.assert_close(L, torch.linalg.cholesky(Zs @ Zs.T + 0.3 * torch.eye(6, dtype=Zs.dtype)), **F64)
+    torch.testing.assert_close(alpha, torch.cholesky_solve(Ys, L), **F64)
     for args, match in [((Zq, Zs, Ys, -1.0, 0, 0.0, False), "lam"), ((Zq, Zs, Ys, 0.3, 3, 0.0, False), "reg"),
                         ((Zq, Zs, Ys, 0.3, 0, -1.0, False), "c"), ((Zq[:, :4], Zs, Ys, 0.3, 0, 0.0, False), "Zq"),
                         ((Zq, Zs, Ys[:4], 0.3, 0, 0.0, False), "Ys"), ((Zq, Zs, Ys.float(), 0.3, 0, 0.0, False), "Ys"),
@@ -96,63 +165,94 @@ def test_forward_only_op_checks_its_arguments():
             op(*args)
     # a support set that does not factor: status 1, the output keeps its shape
     rows = (torch.randn(1, 9, dtype=torch.float32) * 100).repeat(6, 1)  # rank one, λ far below rounding
-    P, status = op(Zq.float(), rows, Ys.float(), 1e-12, 0, 0.0, True)
+    P, _, _, status = op(Zq.float(), rows, Ys.float(), 1e-12, 0, 0.0, True)
     assert int(status) == 1 and P.shape == (5, 3)
-    P, status = op(Zq * float("inf"), Zs, Ys, 0.3, 0, 0.0, True)
+    P, _, _, status = op(Zq * float("inf"), Zs, Ys, 0.3, 0, 0.0, True)
     assert int(status) == 2
     big = (torch.randn(1, 140, dtype=torch.float32) * 100).repeat(130, 1)  # N > 128 (LAPACK): also status 1
-    P, status = op(torch.randn(4, 140), big, torch.randn(130, 2), 1e-12, 0, 0.0, False)
-    assert int(status) == 1 and P.shape == (4, 2)
+    P, L, _, status = op(torch.randn(4, 140), big, torch.randn(130, 2), 1e-12, 0, 0.0, False)
+    assert int(status) == 1 and P.shape == (4, 2) and L.shape == (130, 130)
+    # the backward's arguments
+    bwd = torch.ops.ddfast.krr_predict_bwd.default
+    P, L, alpha, _ = op(Zq, Zs, Ys, 0.3, 0, 0.0, False)
+    G = torch.randn_like(P)
+    for args, match in [((G[:4], Zq, Zs, L, alpha), "G"), ((G, Zq[:, :4], Zs, L, alpha), "Zq"),
+                        ((G, Zq, Zs, L[:5, :5], alpha), "L"), ((G, Zq, Zs, L, alpha[:5]), "alpha"),
+                        ((G, Zq, Zs, L.float(), alpha), "L"), ((G, Zq, Zs[:0], L, alpha), "Zs")]:
+        with pytest.raises(RuntimeError, match=match):
+            bwd(*args, 0.0, 0.0, True, True, True)
+    with pytest.raises(RuntimeError, match="trace_coef"):
+        bwd(G, Zq, Zs, L, alpha, 0.0, -1.0, True, True, True)
+    with pytest.raises(RuntimeError, match="c:"):
+        bwd(G, Zq, Zs, L, alpha, float("nan"), 0.0, True, True, True)
 
 
 @pytest.mark.parametrize("N, d", [(4, 7), (12, 20)])  # the two associations: K_qs·α (N=4: M·N·(d+C) fewer), Zq·W
-def test_lean_path_derivatives(monkeypatch, N, d):
-    calls = _counting(monkeypatch, "_lean_solve")
-    Zq, Zs, Ys = _inputs(N=N, d=d, M=3, C=2)
-    lam = torch.tensor(0.4, dtype=torch.float64)
-    args = (Zq.requires_grad_(), Zs.requires_grad_(), Ys.requires_grad_(), lam.requires_grad_())
+def test_operator_path_higher_derivatives(monkeypatch, N, d):
+    """gradcheck and gradgradcheck through KrrPredictDualFunction (a float λ; create_graph differentiates the
+    reference formulation), and with a λ that requires grad (the fused Functions); torch.func transforms
+    (the fused Functions) agree with the operator path's derivatives."""
+    calls = []
+    fn = rs._one_call
+    monkeypatch.setattr(rs, "_one_call", lambda *a: calls.append(fn(*a) is not None) or fn(*a))
+    Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(N=N, d=d, M=3, C=2))
 
-    def f(zq, zs, ys, lm):
-        return krr_predict(zq, zs, ys, lm, reg="trace_mean", detach_reg=False, bias=True)
+    def f(zq, zs, ys):
+        return krr_predict(zq, zs, ys, 0.4, reg="trace_mean", bias=True)
 
-    assert torch.autograd.gradcheck(f, args)
-    assert torch.autograd.gradgradcheck(f, args)
-    assert calls
-    # torch.func: jacrev / jacfwd agree with the fused backend's
-    fused = lambda zs: krr_predict(Zq.detach(), zs, Ys.detach(), 0.4, bias=True, backend="cpu")  # noqa: E731
-    lean = lambda zs: krr_predict(Zq.detach(), zs, Ys.detach(), 0.4, bias=True)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (Zq, Zs, Ys))
+    assert torch.autograd.gradgradcheck(f, (Zq, Zs, Ys))
+    assert calls and all(calls), "the operator path ran"
+    lam = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    n = len(calls)
+    assert torch.autograd.gradcheck(lambda zs, lm: krr_predict(Zq, zs, Ys, lm, reg="trace_mean", bias=True), (Zs, lam))
+    assert not any(calls[n:]), "a λ that requires grad takes the fused Functions"
+    # torch.func (the fused Functions) against the operator path's backward
     z = Zs.detach()
-    torch.testing.assert_close(torch.func.jacrev(lean)(z), torch.func.jacrev(fused)(z), **F64)
-    torch.testing.assert_close(torch.func.jacfwd(lean)(z), torch.func.jacrev(fused)(z), **F64)
-    # vmap over support sets: the fused path (no host sync under vmap), same values
+    P = lambda zs: krr_predict(Zq.detach(), zs, Ys.detach(), 0.4, bias=True)  # noqa: E731
+    jac = torch.stack([torch.autograd.grad(P(zr)[i, j], zr)[0] for zr in [z.clone().requires_grad_()]
+                       for i in range(3) for j in range(2)]).reshape(3, 2, N, d)
+    torch.testing.assert_close(torch.func.jacrev(P)(z), jac, **F64)
+    torch.testing.assert_close(torch.func.jacfwd(P)(z), jac, **F64)
     zb = torch.stack([z, 1.5 * z])
-    torch.testing.assert_close(torch.func.vmap(lean)(zb), torch.stack([fused(z), fused(1.5 * z)]), **F64)
+    torch.testing.assert_close(torch.func.vmap(P)(zb), torch.stack([P(z), P(1.5 * z)]), **F64)
+    # forward mode (a dual level open: the fused Functions' jvp)
+    t = torch.randn_like(z)
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(P(forward_ad.make_dual(z, t))).tangent
+    torch.testing.assert_close(tangent, (jac * t).sum((-2, -1)), **F64)
 
 
-def test_lean_path_vector_targets_and_shared_support():
+def test_operator_path_vector_targets_and_shared_support():
     Zq, Zs, Ys = _inputs(M=4)
     Zq3 = torch.stack([Zq, -Zq])  # (2, M, d) queries against one support set (N, d)
     torch.testing.assert_close(krr_predict(Zq3, Zs, Ys, 0.2), krr_predict(Zq3, Zs, Ys, 0.2, backend="cpu"), **F64)
     torch.testing.assert_close(krr_predict(Zq, Zs, Ys[:, 0], 0.2), krr_predict_ref(Zq, Zs, Ys[:, :1], 0.2)[:, 0], **F64)
+    Zs.requires_grad_()
+    P, G, (got,) = _grads(lambda zs: krr_predict(Zq3, zs, Ys, 0.2), Zs)
+    _, _, (want,) = _grads(lambda zs: krr_predict_ref(Zq3.reshape(-1, Zq.shape[-1]), zs, Ys, 0.2), Zs, G=G.reshape(-1, 3))
+    assert P.shape == (2, 4, 3)
+    torch.testing.assert_close(got, want, **F64)
 
 
-def test_lean_path_falls_back_to_the_jitter_policy():
+def test_operator_path_falls_back_to_the_jitter_policy():
     """Identical support rows with a tiny λ: the Gram does not factor in float32; the fused path's jitter
     policy takes over (warning), exactly as with backend="cpu"."""
     g = torch.Generator().manual_seed(1)
     row = torch.randn(1, 16, generator=g) * 100
     Zs, Ys, Zq = row.repeat(6, 1), torch.randn(6, 2, generator=g), torch.randn(3, 16, generator=g)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        P = krr_predict(Zq, Zs, Ys, 1e-12)
-    assert any(issubclass(x.category, NumericalWarning) for x in w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NumericalWarning)
-        torch.testing.assert_close(P, krr_predict(Zq, Zs, Ys, 1e-12, backend="cpu"))
+    for grad in (False, True):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            P = krr_predict(Zq, Zs.clone().requires_grad_(grad), Ys, 1e-12)
+        assert any(issubclass(x.category, NumericalWarning) for x in w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumericalWarning)
+            torch.testing.assert_close(P.detach(), krr_predict(Zq, Zs, Ys, 1e-12, backend="cpu"))
 
 
 @pytest.mark.parametrize("bad", ["Zq", "Zs", "Ys"])
-def test_lean_path_names_a_non_finite_input(bad):
+def test_operator_path_names_a_non_finite_input(bad):
     Zq, Zs, Ys = _inputs(dtype=torch.float32)
     args = dict(Zq=Zq, Zs=Zs, Ys=Ys)
     args[bad] = args[bad].clone()
@@ -167,7 +267,7 @@ def test_lean_path_names_a_non_finite_input(bad):
 def test_plans_are_reused_and_lam_is_checked_every_call(monkeypatch):
     rs._PLANS.clear()
     calls = _counting(monkeypatch, "_validate")
-    Zq, Zs, Ys = _inputs(N=40, d=30)  # N > LEAN_MAX_N: the fused path
+    Zq, Zs, Ys = _inputs(N=40, d=30)
     for _ in range(3):
         krr_predict(Zq, Zs, Ys, 0.5)
         ridge_weights(Zs, Ys, 0.5, bias=True)
@@ -192,11 +292,13 @@ def test_plans_follow_ddfast_backend(monkeypatch):
     monkeypatch.setenv("DDFAST_BACKEND", "reference")
     krr_predict(Zq, Zs, Ys, 0.5)
     assert calls
+    ops = _counting(monkeypatch, "_one_call")
+    krr_predict(Zq, Zs, Ys, 0.5)
+    assert not ops, "the reference backend never runs the cpu operators"
     monkeypatch.setenv("DDFAST_BACKEND", "cpu")
     n = len(calls)
-    lean = _counting(monkeypatch, "_lean_solve")
-    krr_predict(*_inputs(), 0.5)  # small N, but a forced backend: no lean path
-    assert len(calls) == n and not lean
+    krr_predict(*_inputs(), 0.5)
+    assert len(calls) == n and ops
 
 
 def test_forward_without_autograd_node_matches():
@@ -230,18 +332,17 @@ def test_all_finite_one_sum():
         rs._check_finite_output(torch.tensor([1.0, float("inf")]), [("Z", torch.ones(2))], "op", True)
 
 
-def test_explain_names_the_lean_path(monkeypatch):
+def test_explain_names_the_operator_path(monkeypatch):
     from ddfast.ops import explain
 
     monkeypatch.delenv("DDFAST_BACKEND", raising=False)
-    zq, zs, ys = torch.randn(8, 32), torch.randn(rs.LEAN_MAX_N["cpu"], 32), torch.randn(rs.LEAN_MAX_N["cpu"], 3)
-    assert "lean path" in explain("krr_predict", zq, zs, ys, 1e-3)
-    # a backend asked for by name, a larger support set or a wider solve dtype take the kernels: no note
-    assert "lean path" not in explain("krr_predict", zq, zs, ys, 1e-3, backend="cpu")
-    big = torch.randn(rs.LEAN_MAX_N["cpu"] + 1, 32)
-    assert "lean path" not in explain("krr_predict", zq, big, torch.randn(big.shape[0], 3), 1e-3)
-    assert "lean path" not in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)
-    # the one-call forward is named from N = 1 up (dual form, one dtype), not for primal problems
-    assert "one-call forward" in explain("krr_predict", zq, big, torch.randn(big.shape[0], 3), 1e-3)
-    assert "one-call forward" not in explain("krr_predict", zq, torch.randn(40, 32), torch.randn(40, 3), 1e-3)
+    limit = rs.ONE_CALL_GRAD_MAX_N["cpu"]
+    zq, zs, ys = torch.randn(8, 256), torch.randn(16, 256), torch.randn(16, 3)
+    note = explain("krr_predict", zq, zs, ys, 1e-3)
+    assert "one-call forward" in note and "closed-form backward" in note
+    big = torch.randn(limit + 1, 256)
+    note = explain("krr_predict", zq, big, torch.randn(limit + 1, 3), 1e-3)
+    assert "one-call forward" in note and "fused Functions" in note and "closed-form backward" not in note
+    # primal problems and a wider solve dtype take the kernels' Functions: no note
+    assert "one-call forward" not in explain("krr_predict", zq[:, :32], torch.randn(40, 32), torch.randn(40, 3), 1e-3)
     assert "one-call forward" not in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)

@@ -459,9 +459,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd(
   return {dZ, dY, dmu};
 }
 
-std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in, const at::Tensor& Zs_in,
-                                                const at::Tensor& Ys_in, double lam, int64_t reg, double c,
-                                                bool via_weights) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in,
+                                                                        const at::Tensor& Zs_in,
+                                                                        const at::Tensor& Ys_in, double lam,
+                                                                        int64_t reg, double c, bool via_weights) {
   TORCH_CHECK(Zq_in.dim() == 3 && Zs_in.dim() == 3 && Ys_in.dim() == 3 && Zq_in.size(0) == Zs_in.size(0) &&
                   Ys_in.size(0) == Zs_in.size(0) && Ys_in.size(1) == Zs_in.size(1) && Zq_in.size(2) == Zs_in.size(2),
               "krr_predict_fwd: Zq [B, M, d], Zs [B, N, d] and Ys [B, N, C] expected, got ", Zq_in.sizes(), ", ",
@@ -510,7 +511,7 @@ std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in, const a
       });
     });
     for (int64_t b = 0; b < B; ++b)
-      if (info[b] != 0) return {at::empty({0}, Zs.options()), 1};
+      if (info[b] != 0) return {at::empty({0}, Zs.options()), B == 1 ? K.unsqueeze(0) : K, alpha, 1};
   }
   const at::Tensor a = B == 1 ? alpha.select(0, 0) : alpha;
   at::Tensor P;
@@ -531,7 +532,7 @@ std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq_in, const a
     for (int64_t i = 0; i < P.numel(); ++i) finite &= std::isfinite(p[i]);
     if (!finite) status = 2;
   });
-  return {P, status};
+  return {P, B == 1 ? K.unsqueeze(0) : K, alpha, status};
 }
 
 at::Tensor cholesky_solve(const at::Tensor& R, const at::Tensor& L) {

@@ -21,10 +21,11 @@ constexpr int64_t kKrrPredictFwdMaxN = 128;
 
 // Forward-only kernel-ridge prediction P = (ZqZsᵀ + c)(ZsZsᵀ + c + μI)⁻¹Ys for Zq [B,M,d], Zs [B,N,d],
 // Ys [B,N,C] (dual form, one dtype): μ = λ (reg 0), λ·tr(K)/N (1) or λ·tr(K) (2) with K = ZsZsᵀ + c;
-// via_weights associates the product as Zq·(Zsᵀα). Returns (P [B,M,C], status): 0 ok, 1 a factor failed
-// (P empty), 2 non-finite P.
-std::tuple<at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys,
-                                                double lam, int64_t reg, double c, bool via_weights);
+// via_weights associates the product as Zq·(Zsᵀα). Returns (P [B,M,C], L [B,N,N] (lower factor of
+// K + μI), α [B,N,C], status): 0 ok, 1 a factor failed (P empty; L, α unspecified), 2 non-finite P.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs,
+                                                                        const at::Tensor& Ys, double lam, int64_t reg,
+                                                                        double c, bool via_weights);
 
 // (LLᵀ)⁻¹R with a saved lower factor: two triangular solves.
 at::Tensor cholesky_solve(const at::Tensor& R, const at::Tensor& L);

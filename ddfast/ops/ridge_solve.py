@@ -142,7 +142,7 @@ RIDGE_SOLVE = _backends.register_op(
     describe={
         "ridge_weights": lambda Z, Y, lam=None, *, bias=False, solve_dtype=None, **_: _describe(Z, Y, bias, solve_dtype),
         "krr_predict": lambda Zq, Zs, Ys, lam=None, *, bias=False, solve_dtype=None, out_dtype=None, **_: {
-            **_describe(Zs, Ys, bias, solve_dtype), **_lean_note(Zs, bias, solve_dtype, out_dtype)},
+            **_describe(Zs, Ys, bias, solve_dtype), **_one_call_note(Zs, bias, solve_dtype, out_dtype)},
     },
 )
 _KERNELS = {name: impl.kernels for name, impl in RIDGE_SOLVE.impls.items() if impl.kernels is not None}
@@ -155,20 +155,21 @@ def _describe(Z, Y, bias, solve_dtype):
             "C": Y.shape[-1], "primal": d < N}
 
 
-def _lean_note(Zs, bias, solve_dtype, out_dtype):
-    """``explain``'s note on the paths ``krr_predict`` takes instead of the chosen cpu backend's Functions: the
-    one-call forward for calls no derivative can be asked of (dual form, one dtype) and, at N ≤ ``LEAN_MAX_N``,
-    the lean torch-op path for calls that can be differentiated."""
+def _one_call_note(Zs, bias, solve_dtype, out_dtype):
+    """``explain``'s note on the operators ``krr_predict`` calls on the chosen cpu backend in the dual form with
+    one dtype: the one-call forward, and at N ≤ ``ONE_CALL_GRAD_MAX_N`` its closed-form backward."""
     N, d = Zs.shape[-2], Zs.shape[-1] + int(bool(bias))
     one_dtype = (solve_dtype or Zs.dtype) == Zs.dtype and (out_dtype or Zs.dtype) == Zs.dtype
     if d < N or not one_dtype:
         return {}
-    note = "without a derivative to ask for (no_grad, no input requiring grad) it runs the cpu kernel's one-call forward"
-    if N <= LEAN_MAX_N.get(Zs.device.type, 0) and not os.environ.get("DDFAST_BACKEND", "").strip():
-        note = (f"krr_predict runs N = {N} ≤ LEAN_MAX_N = {LEAN_MAX_N[Zs.device.type]} as plain differentiable torch "
-                f"ops (the lean path), not the cpu kernel's Functions; {note}")
+    note = ("krr_predict runs the cpu kernel's one-call forward (torch.ops.ddfast.krr_predict_fwd) when no "
+            "derivative can be asked for")
+    limit = ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
+    if N <= limit:
+        note += (f", and with its closed-form backward (krr_predict_bwd) when one can (N = {N} ≤ "
+                 f"ONE_CALL_GRAD_MAX_N = {limit}, a float λ)")
     else:
-        note = f"krr_predict: {note}"
+        note += f"; derivatives go through the fused Functions (N = {N} > ONE_CALL_GRAD_MAX_N = {limit})"
     return {"note": note}
 
 
@@ -596,6 +597,48 @@ class KrrPredictFunction(FastFunction):
 # --------------------------------------------------------------------------- validation
 
 
+class KrrPredictDualFunction(FastFunction):
+    """P = (ZqZsᵀ + c)α, α = (ZsZsᵀ + c + μI)⁻¹Ys in two operator calls: ``torch.ops.ddfast.krr_predict_fwd``
+    (Gram, regulariser, Cholesky, solves, product; the factor L and α kept) and ``krr_predict_bwd``, the
+    closed form with one pass over the queries (KRR-ST §3.2 eq. 4)::
+
+        H = GᵀZq,  β = (LLᵀ)⁻¹(HZsᵀ + c·1ᵀG)ᵀ,  ∂Ys = β,  ∂Zq = G(αᵀZs),
+        ∂Zs = αH − (βαᵀ + αβᵀ)Zs + 2·(∂μ/∂tr K)·(−Σ β∘α)·Zs
+
+    μ = λ (absolute), λ·tr(K)/N (trace_mean) or λ·tr(K) (trace) for a float λ (a λ that requires grad takes
+    the fused Functions). Dual form, one dtype, eager mode without torch.func transforms or forward-mode
+    levels (the caller checks). ``create_graph=True``: the backward differentiates the reference
+    formulation instead (exact derivatives of every order). Outputs (P, L, α, status); status 1 (a factor
+    failed) or 2 (non-finite P) sends the caller to the fused path (jitter policy, named errors).
+    """
+
+    @staticmethod
+    def forward(Zq, Zs, Ys, lam, reg, c, via_weights, detach_reg):
+        return torch.ops.ddfast.krr_predict_fwd.default(Zq, Zs, Ys, lam, _REG_CODE[reg], c, via_weights)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        Zq, Zs, Ys, lam, reg, c, _, detach_reg = inputs
+        _, L, alpha, status = output
+        ctx.mark_non_differentiable(L, alpha, status)
+        ctx.save_for_backward(Zq, Zs, Ys, L, alpha)
+        ctx.options = (lam, reg, c, detach_reg)
+
+    @staticmethod
+    def backward(ctx, G, *_):
+        Zq, Zs, Ys, L, alpha = ctx.saved_tensors
+        lam, reg, c, detach_reg = ctx.options
+        need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: derivatives of the backward itself are wanted
+            with torch.enable_grad():
+                P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=c or False)
+                wrt = [x for x, n in zip((Zq, Zs, Ys), need) if n]
+                got = iter(torch.autograd.grad(P, wrt, G, create_graph=True, allow_unused=True))
+            return tuple(next(got) if n else None for n in need) + (None,) * 5
+        trace_coef = 0.0 if reg == "absolute" or detach_reg else lam / Zs.shape[-2] if reg == "trace_mean" else lam
+        return tuple(torch.ops.ddfast.krr_predict_bwd.default(G, Zq, Zs, L, alpha, c, trace_coef, *need)) + (None,) * 5
+
+
 def _check_matrix(name, x, min_dims=2):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -747,78 +790,48 @@ def _vector_targets(Y, Z, name):
 #   d = 192–2048: 1.6–3.3.
 # Against the eager ``torch.linalg.solve`` formulation the fused path is 1.0–2.8× at N ≥ 32; below, the
 # per-call cost decides: the validation and the dispatch choice are made once per argument signature
-# (``_PLANS``), the finiteness check is one sum (``_all_finite``), a call no derivative can be asked of runs
-# the Functions' forward without the autograd node, and krr_predict at N ≤ LEAN_MAX_N runs as torch ops.
+# (``_PLANS``), the finiteness check is one sum (``_all_finite``), and krr_predict in the dual form with one
+# dtype runs as two operator calls (:class:`KrrPredictDualFunction`, ``ONE_CALL_GRAD_MAX_N``).
 
 
-#: ``krr_predict(backend="auto")`` runs small dual problems that can be differentiated (a call no derivative
-#: can be asked of takes the one-call forward, :func:`_forward_only`, at every N) as plain torch ops (Gram,
-#: positive-definiteness test, ``torch.linalg.solve``, the products: :func:`_lean_solve`) instead of the fused
-#: Functions: there the GEMMs with the queries are the whole cost, and the fused kernel saves less than the
-#: two autograd.Function nodes cost. Largest support size N per device type (dual form N ≤ d, one dtype,
-#: eager mode); larger N, other devices and a backend asked for by name take the fused path. Measured on
-#: the two-core CPU box, one thread, float32, M = 256 queries, C = 10, d = 512 / 2048 / 8192, fwd+bwd time
-#: ratio eager torch.linalg.solve formulation / krr_predict (docs/ops/ridge_solve.md, "Small N"):
-#:   fused:  N = 10: 0.72 0.85 0.93   N = 16: 0.84 0.85 0.91   N = 24: 0.92 1.05 1.14   N = 32: 1.02 1.21 1.44
-#:   lean:   N = 10: 0.90 0.99 0.97   N = 16: 1.00 0.98 1.03   N = 24: 1.02 1.16 1.25   N = 32: 1.14 1.32 1.44
-#: (from N = 24 on both associate the product through W = Zsᵀα and tie within the noise; the fused path
-#: keeps the saved factor for higher-order derivatives). ridge_weights has no lean path: its fused kernel
-#: (Gram, factor, solves and Zᵀα in one call) measured 1.0–1.2× the eager formulation at every LD-head shape
-#: (N = 10–100, d = 84–512 + bias, C = 10), where the same torch-op path gave 0.64–0.89×.
-LEAN_MAX_N = {"cpu": 16}
-
-
-def _lean_solve(Z, Y, lam, reg, detach_reg, bias, sd):
-    """α = (ZZᵀ + μI)⁻¹Y for the (bias-augmented) features Z (..., N, d) in differentiable torch ops, with
-    the augmented features and their transpose; α is None when a member does not factor (the fused path then
-    runs, with its jitter policy and warning).
-
-    The Cholesky factorization is the positive-definiteness test of the jitter policy (7 µs at N = 10);
-    α comes from ``torch.linalg.solve``, whose backward is the lighter one at these sizes (fwd+bwd at
-    N = 10–16: within 2 % of the eager formulation, where cholesky_solve's was 8–12 % slower). Few
-    Python-level ops (each costs 3–10 µs here): an unbatched system with a float λ is one ``addmm``
-    (λI + ZZᵀ). Calls no derivative can be asked of take :func:`_forward_only` instead."""
-    Zk = append_bias(Z, bias) if bias else Z
-    Zt = Zk.mT
-    eye = torch.eye(Zk.shape[-2], dtype=Zk.dtype, device=Zk.device)
-    if reg == "absolute" and not isinstance(lam, torch.Tensor) and Zk.dim() == 2:
-        A = torch.addmm(eye, Zk, Zt, beta=float(lam))
-    elif reg == "absolute" and not isinstance(lam, torch.Tensor):
-        A = torch.baddbmm(eye, Zk.reshape((-1,) + Zk.shape[-2:]), Zt.reshape((-1,) + Zt.shape[-2:]),
-                          beta=float(lam)).reshape(Zk.shape[:-1] + Zk.shape[-2:-1])
-    else:
-        A = Zk @ Zt + _mu(Z, lam, reg, detach_reg, bias, sd).reshape(Z.shape[:-2] + (1, 1)) * eye
-    info = torch.linalg.cholesky_ex(A.detach())[1]
-    if (info.item() if info.dim() == 0 else int(info.count_nonzero())):
-        return None, Zk, Zt
-    return torch.linalg.solve(A, Y), Zk, Zt
+#: krr_predict on the cpu backend (dual form, one dtype, eager mode, a float λ) runs as the operators
+#: ``krr_predict_fwd`` / ``krr_predict_bwd`` (:class:`KrrPredictDualFunction`: one autograd node, the
+#: backward's only pass over the queries is GᵀZq) instead of the fused Functions (two nodes, the ridge
+#: kernels and Zq·W) up to this support size N; a call no derivative can be asked of takes the one-call
+#: forward at every N. Measured on the two-core CPU box, one thread, float32, M = 256 queries, C = 10,
+#: fwd+bwd (gradients of Zs and Ys), process CPU time, minimum of interleaved rounds:
+#:   vs the eager torch.linalg.solve formulation (bench/krr_eager_small_n.py), d = 512 / 2048 / 8192:
+#:     N = 10: 1.11 1.08 1.02   N = 16: 1.21 1.15 1.15   N = 32: 1.56 1.60 1.60   N = 64: 1.96 1.98 2.11
+#:     N = 128: 1.89 2.18 2.38
+#:   (the fused Functions before: N = 10: 0.72 0.85 0.93, N = 16: 0.84 0.85 0.91, N = 32: 1.02 1.21 1.44)
+#:   fused Functions time / these operators, same run: N = 24, d = 512: 1.40; N = 64, d = 2048: 1.23;
+#:   N = 128: 1.06 (d = 512), 1.01 (2048); N = 129 (the operators' LAPACK branch): 0.90; N = 256: 0.77 / 0.76;
+#:   N = 500: 0.70 / 0.66 — above 128 the fused ridge kernels win.
+ONE_CALL_GRAD_MAX_N = {"cpu": 128}
 
 
 _REG_CODE = {"absolute": 0, "trace_mean": 1, "trace": 2}
 
 
-def _forward_only(Zq, Zs, Ys, lam, reg, bias, via_weights, check_finite):
-    """P of a call no derivative can be asked of (dual form, one dtype, the cpu backend), from the kernel's
-    one-call forward ``torch.ops.ddfast.krr_predict_fwd``: Gram, regulariser, Cholesky, solves, both products
-    and the finiteness check in one call, with no autograd bookkeeping and no per-op cost (1.4–2.3× the eager
-    ``torch.linalg.solve`` formulation at N = 24–128, d = 512–2048, where the Functions' forward gave
-    1.0–1.6×: docs/ops/ridge_solve.md). None when a member does not factor (the fused path then applies the
-    jitter policy), the checked result is not finite (the fused path names the input) or λ is not one value."""
+def _one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, via_weights, check_finite, forward_only):
+    """P through the operators' one-call forward (and, when a derivative can be asked for,
+    :class:`KrrPredictDualFunction`'s closed-form backward): the cpu backend, dual form, one dtype, eager
+    mode. None when λ requires grad or is not one value, a member does not factor (the fused path then
+    applies the jitter policy) or the checked result is not finite (the fused path names the input)."""
     if isinstance(lam, torch.Tensor):
-        if lam.numel() != 1:
+        if lam.numel() != 1 or lam.requires_grad:
             return None
         lam = lam.item()
-    P, status = torch.ops.ddfast.krr_predict_fwd.default(Zq, Zs, Ys, float(lam), _REG_CODE[reg], bias_value(bias), via_weights)
+    if forward_only:
+        P, _, _, status = torch.ops.ddfast.krr_predict_fwd.default(Zq, Zs, Ys, float(lam), _REG_CODE[reg],
+                                                                   bias_value(bias), via_weights)
+    else:
+        P, _, _, status = KrrPredictDualFunction.fast_apply(Zq, Zs, Ys, float(lam), reg, bias_value(bias), via_weights,
+                                                            detach_reg)
     status = status.item()
     if status == 1 or (status == 2 and _checking(check_finite)):
         return None
     return P
-
-
-def _lean_ok(out, check_finite):
-    """The lean result stands unless it is checked and not finite (the fused path then runs again and names
-    the non-finite input, or reports the failed solve)."""
-    return not _checking(check_finite) or _all_finite(out)
 
 
 # --------------------------------------------------------------------------- per-call plans
@@ -905,13 +918,10 @@ def _plan_krr_predict(Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_
         route = "weights"  # P = Zq·W, W = Zsᵀα (or the primal W)
     else:
         route = "gram"  # P = K_qs·α
-    # The lean path (LEAN_MAX_N): auto only, never when a backend is asked for by name, by "fused" or by
-    # DDFAST_BACKEND; one dtype throughout.
-    lean = (backend == "auto" and name == "cpu" and route != "reference" and not primal and sd == od == Zs.dtype
-            and not os.environ.get("DDFAST_BACKEND", "").strip() and N <= LEAN_MAX_N.get(Zs.device.type, 0))
-    # The cpu kernel's one-call forward (_forward_only) for calls no derivative can be asked of: dual, one dtype.
+    # The cpu kernel's operators (_one_call): dual, one dtype; with derivatives up to ONE_CALL_GRAD_MAX_N.
     one_call = name == "cpu" and route != "reference" and not primal and sd == od == Zs.dtype
-    return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), lean, one_call
+    one_call_grad = one_call and N <= ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
+    return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), one_call, one_call_grad
 
 
 def _no_derivative(*xs):
@@ -990,36 +1000,28 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
             is computed from the support Gram K = ZsZsᵀ (+ c)).
     Shape: P (..., M, C).
     The product is associated as Zq·W (W = Zsᵀα, or the primal W when d < N) or as K_qs·α, whichever
-    takes fewer flops: M·N·(d+C) vs d·C·(N+M). With ``backend="auto"``, a small support set (N ≤
-    ``LEAN_MAX_N``, dual form, CPU) runs as differentiable torch ops with the same checks and jitter policy.
+    takes fewer flops: M·N·(d+C) vs d·C·(N+M). On the cpu backend the dual form with one dtype runs as two
+    operator calls (the one-call forward and, at N ≤ ``ONE_CALL_GRAD_MAX_N``, its closed-form backward:
+    :class:`KrrPredictDualFunction`) with the same checks and jitter policy.
     Equivalent PyTorch: ``ddfast.reference.ridge_solve.krr_predict_ref``.
     """
     Ys, vector = _vector_targets(Ys, Zs, "Ys")
-    name, route, primal, shared, sd, od, batch, lean, one_call = _planned(
+    name, route, primal, shared, sd, od, batch, one_call, one_call_grad = _planned(
         _plan_krr_predict, _key("krr_predict", (Zq, Zs, Ys), (reg, bias, solve_dtype, out_dtype, check_finite, backend)),
         Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_finite, backend)
     _check_lam(lam, batch, Zs, sd)
     q_shape = Zq.shape
     if shared:  # one support set, many query batches: the queries become rows of one problem
         Zq = Zq.reshape(-1, Zq.shape[-1])
-    eager = (one_call or lean) and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-                                        or Zs.is_meta)
-    forward_only = eager and _no_derivative(Zq, Zs, Ys, lam)
-    if forward_only and one_call:
-        P = _forward_only(Zq, Zs, Ys, lam, reg, bias, route == "weights", check_finite)
+    if one_call and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or Zs.is_meta
+                         or _forward_ad._current_level >= 0):
+        forward_only = _no_derivative(Zq, Zs, Ys, lam)
+        P = (_one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, route == "weights", check_finite, forward_only)
+             if forward_only or one_call_grad else None)
         if P is not None:
             if shared:
                 P = P.reshape(q_shape[:-1] + P.shape[-1:])
             return P.squeeze(-1) if vector else P
-    elif eager and lean:
-        alpha, Zsk, Zst = _lean_solve(Zs, Ys, lam, reg, detach_reg, bias, sd)
-        if alpha is not None:
-            Zqk = append_bias(Zq, bias) if bias else Zq
-            P = ((alpha.mT @ Zsk) @ Zqk.mT).mT if route == "weights" else (Zqk @ Zst) @ alpha
-            if _lean_ok(P, check_finite):
-                if shared:
-                    P = P.reshape(q_shape[:-1] + P.shape[-1:])
-                return P.squeeze(-1) if vector else P
     try:
         if route == "reference":
             P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=bias, solve_dtype=solve_dtype,
