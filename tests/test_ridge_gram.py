@@ -88,6 +88,10 @@ def test_rfad_style_swap(backend, N):
         return krr_predict(r2 * Fq, r2 * Fs, Y, lam, reg="trace_mean", bias=0.01, solve_dtype=F64,
                            out_dtype=F64, backend=backend)
 
+    def ours_scaled(Fs, Fq, Y):  # the kernel scale folded into c (trace_mean: λ unchanged)
+        return krr_predict(Fq, Fs, Y, lam, reg="trace_mean", scale=2.0, bias=0.01, solve_dtype=F64,
+                           out_dtype=F64, backend=backend)
+
     def ours_gram(Fs, Fq, Y):
         return krr_predict_from_gram(2 * Fs @ Fs.mT, 2 * Fq @ Fs.mT, Y, lam, reg="trace_mean", bias=0.01,
                                      solve_dtype=F64, out_dtype=F64)
@@ -100,7 +104,7 @@ def test_rfad_style_swap(backend, N):
 
     truth_P, truth_g = run(eager, F64)
     eager_P, eager_g = run(eager, torch.float32)
-    for fn in (ours_features, ours_gram):
+    for fn in (ours_features, ours_scaled, ours_gram):
         P, g = run(fn, torch.float32)
         assert P.dtype == F64 and g.dtype == torch.float32
         for ours, ref32, truth in ((P, eager_P, truth_P), (g, eager_g, truth_g)):
@@ -155,3 +159,41 @@ def test_from_gram_under_vmap_and_grad():
     g = grad(lambda y: krr_predict_from_gram(K_ss[0], K_qs[0], y, 0.1).square().sum())(Y[0])
     g_ref = grad(lambda y: eager_krr_gram(K_ss[0], K_qs[0], y, 0.1).square().sum())(Y[0])
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("reg", ["absolute", "trace_mean", "trace"])
+@pytest.mark.parametrize("bias", [False, True, 0.01])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_kernel_scale(reg, bias, backend):
+    """scale=s is K = s·ZqZsᵀ + c: against the eager formulation of that kernel (values, gradients of every
+    input including a λ that requires grad), in the dual and the primal form, with batched supports."""
+    torch.manual_seed(5)
+    c = {False: 0.0, True: 1.0}.get(bias, bias)
+    for B, N, p in [((), 6, 9), ((2,), 5, 8), ((), 12, 4)]:  # the last: d < N, the primal form
+        Fs, Fq = torch.randn(*B, N, p, dtype=F64), torch.randn(*B, 4, p, dtype=F64)
+        Y = torch.randn(*B, N, 3, dtype=F64)
+        lam = torch.tensor(0.2, dtype=F64)
+        for s in (2.0, 0.37):
+            args = [x.clone().requires_grad_() for x in (Fq, Fs, Y, lam)]
+            P = krr_predict(*args[:3], args[3], reg=reg, bias=bias, scale=s, backend=backend)
+            want_args = [x.clone().requires_grad_() for x in (Fq, Fs, Y, lam)]
+            q, z, y, lm = want_args
+            want = eager_krr_gram(s * z @ z.mT, s * q @ z.mT, y, lm, reg, c)
+            torch.testing.assert_close(P, want)
+            G = torch.randn_like(P)
+            for got, w in zip(torch.autograd.grad(P, args, G), torch.autograd.grad(want, want_args, G)):
+                torch.testing.assert_close(got, w)
+            with torch.no_grad():  # the one-call forward, a float λ
+                torch.testing.assert_close(krr_predict(Fq, Fs, Y, 0.2, reg=reg, bias=bias, scale=s, backend=backend),
+                                           want.detach())
+
+
+def test_kernel_scale_is_checked():
+    Fs, Fq, _, _ = kernels()
+    Y = torch.randn(6, 2, dtype=F64)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "2", torch.tensor([2.0, 3.0])):
+        with pytest.raises(ValueError, match="scale"):
+            krr_predict(Fq, Fs, Y, 0.1, scale=bad)
+    torch.testing.assert_close(krr_predict(Fq, Fs, Y, 0.1, scale=1), krr_predict(Fq, Fs, Y, 0.1))
+    with pytest.raises(ValueError, match="bias"):  # the constant is checked before it is folded
+        krr_predict(Fq, Fs, Y, 0.1, scale=2.0, bias=-1.0)

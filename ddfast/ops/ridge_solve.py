@@ -696,6 +696,23 @@ def _check_bias(bias, allow_value):
         raise ValueError(f"bias: expected a bool or a finite kernel constant c >= 0, got {bias!r}")
 
 
+def _fold_scale(scale, lam, reg, bias):
+    """K = s·ZqZsᵀ + c as the unscaled kernel: P is unchanged when K and μ both scale by s, so s folds into
+    the kernel constant (c/s) and, for the absolute regulariser, into λ (λ/s); trace regularisers scale with
+    K already. Returns (lam, bias)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < float(scale) < float("inf"):
+        raise ValueError(f"scale: expected a finite kernel scale s > 0 (K = s·ZqZsᵀ + c), got {scale!r}")
+    s = float(scale)
+    if s == 1.0:
+        return lam, bias
+    c = bias_value(bias)
+    if reg == "absolute" and isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+        lam = float(lam) / s
+    elif reg == "absolute" and isinstance(lam, torch.Tensor):
+        lam = lam / s
+    return lam, (c / s if c else False)
+
+
 def _check_common(first, lam, reg, solve_dtype, out_dtype, check_finite, batch):
     if reg not in REGULARIZERS:
         raise ValueError(f"reg: expected one of {REGULARIZERS}, got {reg!r}")
@@ -986,15 +1003,16 @@ def ridge_weights(Z, Y, lam, *, reg="absolute", detach_reg=False, bias=False, so
     return W.squeeze(-1) if vector else W
 
 
-def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False, solve_dtype=None, out_dtype=None,
-                check_finite=None, backend="auto"):
+def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False, scale=1.0, solve_dtype=None,
+                out_dtype=None, check_finite=None, backend="auto"):
     """Kernel-ridge prediction P = Zq Zsᵀ(ZsZsᵀ+μI)⁻¹Ys (KRR-ST §3.2 eq. 4; KIP; FRePo; RFAD).
 
     Args:
         Zq: query features (..., M, d); Zs: support features (..., N, d) or (N, d) shared by every query
             batch; Ys: support targets (..., N, C) or (..., N) (P is then (..., M)).
-        bias: True appends a ones column (K + 1); a float c is a kernel constant, K = ZqZsᵀ + c (RFAD's
-            K = 2FFᵀ + 0.01 is ``krr_predict(√2·Fq, √2·Fs, Y, lam, bias=0.01)``).
+        bias: True appends a ones column (K + 1); a float c is a kernel constant, K = ZqZsᵀ + c.
+        scale: kernel scale s, K = s·ZqZsᵀ + c (RFAD's K = 2FFᵀ + 0.01 is ``krr_predict(Fq, Fs, Y, lam,
+            scale=2.0, bias=0.01)``). Folded into c and λ, at no cost: P is the same when K and μ scale together.
         out_dtype: dtype of P (default Zq's); e.g. torch.float64 with ``solve_dtype=torch.float64``.
         lam, reg, detach_reg, solve_dtype, check_finite, backend: as :func:`ridge_weights` (the regulariser
             is computed from the support Gram K = ZsZsᵀ (+ c)).
@@ -1005,6 +1023,9 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     :class:`KrrPredictDualFunction`) with the same checks and jitter policy.
     Equivalent PyTorch: ``ddfast.reference.ridge_solve.krr_predict_ref``.
     """
+    if not isinstance(scale, float) or scale != 1.0:
+        _check_bias(bias, allow_value=True)
+        lam, bias = _fold_scale(scale, lam, reg, bias)
     Ys, vector = _vector_targets(Ys, Zs, "Ys")
     name, route, primal, shared, sd, od, batch, one_call, one_call_grad = _planned(
         _plan_krr_predict, _key("krr_predict", (Zq, Zs, Ys), (reg, bias, solve_dtype, out_dtype, check_finite, backend)),
