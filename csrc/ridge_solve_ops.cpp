@@ -11,12 +11,14 @@
 //   cholesky_solve(R[B,n,C], L[B,n,n]) -> (LLᵀ)⁻¹R in L's dtype
 //   krr_predict_fwd(Zq[...,M,d], Zs[...,N,d], Ys[...,N,C], lam, reg, c, via_weights)
 //           -> P[...,M,C], L[...,N,N], alpha[...,N,C], status[]
-//       dual, one dtype: P = (ZqZsᵀ + c)α, α = (K + μI)⁻¹Ys = (LLᵀ)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0),
+//       dual; Zq, Zs of one dtype, Ys of that dtype or float64 (the solve dtype: K is formed in the
+//       features' dtype and factored in Ys's; P, L, α in Ys's): P = (ZqZsᵀ + c)α, α = (K + μI)⁻¹Ys = (LLᵀ)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0),
 //       λ·tr(K)/N (1), λ·tr(K) (2); status 0 ok, 1 a factor failed (P zeros), 2 non-finite P.
 //       The whole small-support prediction in one call (no per-op overhead); L and α are what the
 //       backward reuses.
 //   krr_predict_bwd(G[...,M,C], Zq, Zs, L, alpha, c, trace_coef, need_dzq, need_dzs, need_dys) -> dZq, dZs, dYs
-//       the closed-form backward of krr_predict_fwd (undefined where not needed), with H = GᵀZq,
+//       the closed-form backward of krr_predict_fwd (undefined where not needed; G, L, α in the solve dtype,
+//       dZq, dZs in the features', dYs in the solve dtype), with H = GᵀZq,
 //       β = (LLᵀ)⁻¹(HZsᵀ + c·1ᵀG)ᵀ:  dYs = β,  dZq = G(αᵀZs),
 //       dZs = αH − (βαᵀ + αβᵀ)Zs + 2·trace_coef·dμ·Zs,  dμ = −Σ β∘α
 //       (trace_coef = ∂μ/∂tr(K): 0 for reg 0 or a detached regulariser, λ/N for reg 1, λ for reg 2).
@@ -123,7 +125,9 @@ void check_krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs, const at:
               Ys.defined() ? Ys.sizes() : c10::IntArrayRef{});
   check_float(Zs, op, "Zs");
   check_same_dtype(Zq, "Zq", Zs, "Zs", op);
-  check_same_dtype(Ys, "Ys", Zs, "Zs", op);
+  TORCH_CHECK(Ys.scalar_type() == Zs.scalar_type() || Ys.scalar_type() == at::kDouble, op,
+              ": Ys: expected dtype ", Zs.scalar_type(), " (the dtype of Zs) or float64 (a wider solve), got ",
+              Ys.scalar_type());
   check_same_device(Zq, "Zq", Zs, "Zs", op);
   check_same_device(Ys, "Ys", Zs, "Zs", op);
   TORCH_CHECK(N > 0 && d > 0, op, ": Zs: expected N, d ≥ 1, got ", Zs.sizes());
@@ -160,11 +164,15 @@ void check_krr_predict_bwd(const at::Tensor& G, const at::Tensor& Zq, const at::
                   G.size(r - 1) == C,
               op, ": G: expected shape [..., M, C] like P, got ", G.defined() ? G.sizes() : c10::IntArrayRef{});
   check_float(Zs, op, "Zs");
+  check_same_dtype(Zq, "Zq", Zs, "Zs", op);
+  TORCH_CHECK(alpha.scalar_type() == Zs.scalar_type() || alpha.scalar_type() == at::kDouble, op,
+              ": alpha: expected dtype ", Zs.scalar_type(), " (the dtype of Zs) or float64 (a wider solve), got ",
+              alpha.scalar_type());
+  check_same_dtype(L, "L", alpha, "alpha", op);
+  check_same_dtype(G, "G", alpha, "alpha", op);
   for (const auto& [x, name] : {std::pair<const at::Tensor&, const char*>{G, "G"}, {Zq, "Zq"}, {L, "L"},
-                                {alpha, "alpha"}}) {
-    check_same_dtype(x, name, Zs, "Zs", op);
+                                {alpha, "alpha"}})
     check_same_device(x, name, Zs, "Zs", op);
-  }
   TORCH_CHECK(N > 0 && d > 0, op, ": Zs: expected N, d ≥ 1, got ", Zs.sizes());
   TORCH_CHECK(std::isfinite(c) && c >= 0, op, ": c: expected a finite kernel constant ≥ 0, got ", c);
   TORCH_CHECK(std::isfinite(trace_coef) && trace_coef >= 0, op, ": trace_coef: expected a finite value ≥ 0, got ",
@@ -215,8 +223,8 @@ std::vector<int64_t> krr_factor_shape(const at::Tensor& Zs) {
 KrrFwdOut krr_predict_fwd_meta(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
                                int64_t reg, double c, bool via_weights) {
   check_krr_predict_fwd(Zq, Zs, Ys, lam, reg, c);
-  return {at::empty(krr_predict_fwd_shape(Zq, Ys), Zs.options()), at::empty(krr_factor_shape(Zs), Zs.options()),
-          at::empty(Ys.sizes(), Zs.options()), at::empty({}, Zs.options().dtype(at::kInt))};
+  return {at::empty(krr_predict_fwd_shape(Zq, Ys), Ys.options()), at::empty(krr_factor_shape(Zs), Ys.options()),
+          at::empty(Ys.sizes(), Ys.options()), at::empty({}, Zs.options().dtype(at::kInt))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_meta(const at::Tensor& G, const at::Tensor& Zq,
@@ -227,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_meta(const at::Te
   check_krr_predict_bwd(G, Zq, Zs, L, alpha, c, trace_coef);
   return {need_dzq ? at::empty(Zq.sizes(), Zs.options()) : at::Tensor(),
           need_dzs ? at::empty(Zs.sizes(), Zs.options()) : at::Tensor(),
-          need_dys ? at::empty(alpha.sizes(), Zs.options()) : at::Tensor()};
+          need_dys ? at::empty(alpha.sizes(), alpha.options()) : at::Tensor()};
 }
 
 // ---------------------------------------------------------------- CPU
@@ -266,7 +274,7 @@ KrrFwdOut krr_predict_fwd_cpu(const at::Tensor& Zq, const at::Tensor& Zs, const 
   auto [P, L, alpha, status] = ddfast::cpu::krr_predict_fwd(Zq.reshape({-1, M, d}), Zs.reshape({-1, N, d}),
                                                             Ys.reshape({-1, N, C}), lam, reg, c, via_weights);
   // A failed factor is reported by the status alone; the outputs keep their shapes.
-  P = status == 1 ? at::zeros(krr_predict_fwd_shape(Zq, Ys), Zs.options()) : P.view(krr_predict_fwd_shape(Zq, Ys));
+  P = status == 1 ? at::zeros(krr_predict_fwd_shape(Zq, Ys), Ys.options()) : P.view(krr_predict_fwd_shape(Zq, Ys));
   return {P, L.view(krr_factor_shape(Zs)), alpha.view(Ys.sizes()), at::scalar_tensor(status, Zs.options().dtype(at::kInt))};
 }
 
@@ -349,7 +357,8 @@ KrrFwdOut krr_predict_fwd_composite(const at::Tensor& Zq_in, const at::Tensor& Z
   const int64_t N = Zs_in.size(-2), d = Zs_in.size(-1), M = Zq_in.size(-2), C = Ys_in.size(-1);
   const at::Tensor Zq = Zq_in.reshape({-1, M, d}), Zs = Zs_in.reshape({-1, N, d}), Ys = Ys_in.reshape({-1, N, C});
   const at::Tensor Zst = Zs.transpose(1, 2);
-  at::Tensor K = at::matmul(Zs, Zst);
+  const auto sd = Ys.scalar_type();  // the solve dtype (Zs's or wider); products in the features' dtype
+  at::Tensor K = at::matmul(Zs, Zst).to(sd);
   if (c != 0.0) K.add_(c);
   at::Tensor mu = at::full({Zs.size(0)}, lam, K.options());
   if (reg != 0) mu = mu * K.diagonal(0, 1, 2).sum(1) / (reg == 1 ? double(Zs.size(1)) : 1.0);
@@ -361,10 +370,10 @@ KrrFwdOut krr_predict_fwd_composite(const at::Tensor& Zq_in, const at::Tensor& Z
       at::cholesky_solve(Ys, at::where(ok, L, at::eye(K.size(1), K.options()).expand_as(K)), /*upper=*/false);
   at::Tensor P;
   if (via_weights) {  // formed transposed, Pᵀ = (αᵀZs)Zqᵀ: the thin factor on the left (MKL's fast orientation)
-    P = at::matmul(at::matmul(alpha.transpose(1, 2), Zs), Zq.transpose(1, 2)).transpose(1, 2);
+    P = at::matmul(at::matmul(alpha.transpose(1, 2).to(Zs.scalar_type()), Zs), Zq.transpose(1, 2)).transpose(1, 2).to(sd);
     if (c != 0.0) P = P + alpha.sum(1, /*keepdim=*/true) * c;
   } else {
-    at::Tensor Kq = at::matmul(Zq, Zst);
+    at::Tensor Kq = at::matmul(Zq, Zst).to(sd);
     if (c != 0.0) Kq.add_(c);
     P = at::matmul(Kq, alpha);
   }
@@ -388,15 +397,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_composite(const a
   const auto view = [B](const at::Tensor& x, int64_t r, int64_t k) {
     return B == 1 ? x.reshape({r, k}) : x.reshape({-1, r, k});
   };
-  const at::Tensor G = view(G_in, M, C), Zq = view(Zq_in, M, d), Zs = view(Zs_in, N, d);
+  // G, L, α in the solve dtype sd (the features' or wider); the products with the features run in theirs (io).
+  const auto io = Zs_in.scalar_type();
+  const at::Tensor Gs = view(G_in, M, C), Zq = view(Zq_in, M, d), Zs = view(Zs_in, N, d);
   const at::Tensor L = view(L_in, N, N), alpha = view(alpha_in, N, C);
+  const at::Tensor G = Gs.to(io), alpha_io = alpha.to(io);
   const auto T = [](const at::Tensor& x) { return x.transpose(-1, -2); };
   if (need_dzq)  // dZq = G(αᵀZs)
-    dZq = at::matmul(G, at::matmul(T(alpha), Zs)).reshape(Zq_in.sizes());
+    dZq = at::matmul(G, at::matmul(T(alpha_io), Zs)).reshape(Zq_in.sizes());
   if (!(need_dzs || need_dys)) return {dZq, dZs, dYs};
   const at::Tensor H = at::matmul(T(G), Zq);  // GᵀZq [C, d]: the only pass over the queries
-  at::Tensor galpha_t = at::matmul(H, T(Zs));   // (K_qsᵀG)ᵀ = HZsᵀ (+ c·1ᵀG) [C, N]
-  if (c != 0.0) galpha_t.add_(G.sum(-2).unsqueeze(-1), c);
+  at::Tensor galpha_t = at::matmul(H, T(Zs)).to(L.scalar_type());  // (K_qsᵀG)ᵀ = HZsᵀ (+ c·1ᵀG) [C, N]
+  if (c != 0.0) galpha_t.add_(Gs.sum(-2).unsqueeze(-1), c);
   // β = (LLᵀ)⁻¹ K_qsᵀG: the in-place small solve on CPU, LAPACK / cuSOLVER otherwise.
   const at::Tensor R = T(galpha_t), L3 = B == 1 ? L.unsqueeze(0) : L;
   at::Tensor beta = (L.is_cpu() && N <= ddfast::cpu::kKrrPredictFwdMaxN)
@@ -413,11 +425,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_composite(const a
       const at::Tensor dmu = (beta * alpha).sum({-2, -1}).neg();
       S.diagonal(0, -2, -1).add_(dmu.unsqueeze(-1).mul(2.0 * trace_coef));
     }
-    dZs = at::matmul(alpha, H);
+    dZs = at::matmul(alpha_io, H);
     if (B == 1)
-      dZs.addmm_(S, Zs);
+      dZs.addmm_(S.to(io), Zs);
     else
-      dZs.baddbmm_(S, Zs);
+      dZs.baddbmm_(S.to(io), Zs);
     dZs = dZs.reshape(Zs_in.sizes());
   }
   return {dZq, dZs, dYs};

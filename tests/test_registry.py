@@ -136,6 +136,35 @@ def test_cuda_krr_forward_matches_the_cpu_kernel(via_weights, reg, c):
     assert int(status) == 1 and P.shape == (2, 3, 1) and L.shape == (2, 4, 4) and alpha.shape == (2, 4, 1)
 
 
+@pytest.mark.parametrize("via_weights", [False, True])
+def test_krr_operators_with_a_float64_solve_of_float32_features(via_weights):
+    """Ys in float64 beside float32 features: the factor, α and P in float64, the feature gradients in
+    float32; the CPU kernel and the composite (CUDA route) agree, Meta gives the same dtypes, opcheck."""
+    g = torch.Generator().manual_seed(2)
+    Zq, Zs = torch.randn(7, 5, generator=g), torch.randn(4, 5, generator=g)
+    Ys = torch.randn(4, 2, generator=g, **F64)
+    want = torch.ops.ddfast.krr_predict_fwd(Zq, Zs, Ys, 0.3, 1, 0.25, via_weights)
+    got = ext.krr_predict_fwd_composite(Zq, Zs, Ys, 0.3, 1, 0.25, via_weights)
+    meta = torch.ops.ddfast.krr_predict_fwd(Zq.to("meta"), Zs.to("meta"), Ys.to("meta"), 0.3, 1, 0.25, via_weights)
+    for w, c, m in zip(want[:3], got[:3], meta[:3]):
+        assert w.dtype == c.dtype == m.dtype == torch.float64 and w.shape == m.shape
+        torch.testing.assert_close(c, w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(want[0], ext.krr_predict_fwd_composite(Zq.double(), Zs.double(), Ys, 0.3, 1, 0.25,
+                                                                      via_weights)[0], atol=1e-5, rtol=1e-5)
+    G = torch.randn(7, 2, generator=g, **F64)
+    args = (G, Zq, Zs, want[1], want[2], 0.25, 0.3 / 4, True, True, True)
+    for a, b, dt in zip(torch.ops.ddfast.krr_predict_bwd(*args), ext.krr_predict_bwd_composite(*args),
+                        (torch.float32, torch.float32, torch.float64)):
+        assert a.dtype == b.dtype == dt
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    torch.library.opcheck(torch.ops.ddfast.krr_predict_fwd.default, (Zq, Zs, Ys, 0.3, 1, 0.25, via_weights))
+    torch.library.opcheck(torch.ops.ddfast.krr_predict_bwd.default, args)
+    with pytest.raises(RuntimeError, match="Ys: expected dtype"):  # narrower targets than the features
+        torch.ops.ddfast.krr_predict_fwd(Zq.double(), Zs.double(), Ys.float(), 0.3, 1, 0.25, via_weights)
+    with pytest.raises(RuntimeError, match="G: expected dtype"):
+        torch.ops.ddfast.krr_predict_bwd(G.float(), *args[1:])
+
+
 def test_cuda_route_reports_a_failed_factor():
     Z = torch.zeros(2, 3, 4, **F64)
     mu = torch.tensor([1.0, -1.0], **F64)  # member 1 is negative definite

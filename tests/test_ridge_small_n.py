@@ -57,7 +57,7 @@ def test_operator_path_matches_fused_and_reference(monkeypatch, bias, reg, detac
     float64 reference, both associations of the product (M = 5: K_qs·α; M = 40: Zq·W)."""
     calls = []
     fn = rs._one_call
-    monkeypatch.setattr(rs, "_one_call", lambda *a: calls.append(a[-1]) or fn(*a))
+    monkeypatch.setattr(rs, "_one_call", lambda *a: calls.append(a[9]) or fn(*a))  # a[9]: forward_only
     lam = 0.3 if reg == "absolute" else 0.05
     for M in (5, 40):
         Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(M=M))
@@ -343,6 +343,58 @@ def test_explain_names_the_operator_path(monkeypatch):
     big = torch.randn(limit + 1, 256)
     note = explain("krr_predict", zq, big, torch.randn(limit + 1, 3), 1e-3)
     assert "one-call forward" in note and "fused Functions" in note and "closed-form backward" not in note
-    # primal problems and a wider solve dtype take the kernels' Functions: no note
+    # a float64 solve of float32 features runs the operators too; primal problems and an output wider than
+    # the solve take the kernels' Functions: no note
+    assert "closed-form backward" in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)
     assert "one-call forward" not in explain("krr_predict", zq[:, :32], torch.randn(40, 32), torch.randn(40, 3), 1e-3)
-    assert "one-call forward" not in explain("krr_predict", zq, zs, ys, 1e-3, solve_dtype=torch.float64)
+    assert "one-call forward" not in explain("krr_predict", zq, zs, ys, 1e-3, out_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [12, 100])
+def test_operator_path_float64_solve_of_float32_features(monkeypatch, N, out_dtype):
+    """RFAD's precision split through the operators: float32 features (Gram and products in float32), the
+    factor and α in float64, P in ``out_dtype``. Values and gradients of every input against a float64
+    truth, within 2× the error of the eager formulation written that way (float32 Gram, float64 solve) +
+    1e-6 of the largest entry."""
+    ran = []
+    fn = rs._one_call
+
+    def one_call(*a):
+        P = fn(*a)
+        ran.append(P is not None)
+        return P
+
+    monkeypatch.setattr(rs, "_one_call", one_call)
+    g = torch.Generator().manual_seed(N)
+    p, M, C, lam = 256, 30, 10, 1e-6
+    xs = [torch.randn(N, p, generator=g, dtype=torch.float64) / p**0.5,
+          torch.randn(M, p, generator=g, dtype=torch.float64) / p**0.5,
+          torch.nn.functional.one_hot(torch.arange(N) % C, C).double() - 0.1]
+    G = torch.randn(M, C, generator=g, dtype=torch.float64)
+
+    def eager(Fs, Fq, Y):
+        K = (2 * Fs @ Fs.mT + 0.01).double()
+        mu = lam * K.diagonal().sum() / N
+        return ((2 * Fq @ Fs.mT + 0.01).double() @ torch.linalg.solve(K + mu * torch.eye(N, dtype=K.dtype),
+                                                                       Y.double())).to(out_dtype)
+
+    def ours(Fs, Fq, Y):
+        return krr_predict(Fq, Fs, Y, lam, reg="trace_mean", scale=2.0, bias=0.01, solve_dtype=torch.float64,
+                           out_dtype=out_dtype)
+
+    def run(f, dtype):
+        args = [x.to(dtype).requires_grad_() for x in xs]
+        P = f(*args)
+        return (P,) + torch.autograd.grad(P, args, G.to(P.dtype))
+
+    truth, ref32 = run(eager, torch.float64), run(eager, torch.float32)
+    got = run(ours, torch.float32)
+    assert ran and all(ran), "the operators ran (one-call forward and closed-form backward)"
+    assert got[0].dtype == out_dtype and all(x.dtype == torch.float32 for x in got[1:])
+    for a, r, t in zip(got, ref32, truth):
+        err, err_eager = (a.double() - t).abs().max(), (r.double() - t).abs().max()
+        assert err <= 2 * err_eager + 1e-6 * t.abs().max(), (float(err), float(err_eager))
+    with torch.no_grad():  # the forward alone
+        P = ours(*(x.float() for x in xs))
+    torch.testing.assert_close(P, got[0].detach())

@@ -470,21 +470,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> krr_predict_fwd(const at
   TORCH_CHECK(Zq_in.device().is_cpu() && Zs_in.device().is_cpu() && Ys_in.device().is_cpu(),
               "krr_predict_fwd: expected CPU tensors");
   TORCH_CHECK((Zs_in.scalar_type() == at::kFloat || Zs_in.scalar_type() == at::kDouble) &&
-                  Zq_in.scalar_type() == Zs_in.scalar_type() && Ys_in.scalar_type() == Zs_in.scalar_type(),
-              "krr_predict_fwd: expected one dtype, float32 or float64, got ", Zq_in.scalar_type(), ", ",
-              Zs_in.scalar_type(), " and ", Ys_in.scalar_type());
+                  Zq_in.scalar_type() == Zs_in.scalar_type() &&
+                  (Ys_in.scalar_type() == Zs_in.scalar_type() || Ys_in.scalar_type() == at::kDouble),
+              "krr_predict_fwd: expected float32 or float64 features of one dtype and targets of that dtype or "
+              "float64, got ", Zq_in.scalar_type(), ", ", Zs_in.scalar_type(), " and ", Ys_in.scalar_type());
   const at::Tensor Zq = Zq_in.contiguous(), Zs = Zs_in.contiguous(), Ys = Ys_in.contiguous();
   const int64_t B = Zs.size(0), N = Zs.size(1), C = Ys.size(2);
   TORCH_CHECK(N <= kKrrPredictFwdMaxN, "krr_predict_fwd: the in-place factor takes N ≤ ", kKrrPredictFwdMaxN,
               ", got N = ", N, " (larger support sets: ddfast::ops::krr_predict_fwd_composite)");
   // One problem runs as 2-D GEMMs (MKL's batched path costs more at these sizes).
   const at::Tensor q = B == 1 ? Zq.select(0, 0) : Zq, z = B == 1 ? Zs.select(0, 0) : Zs;
-  at::Tensor K = at::matmul(z, z.transpose(-1, -2)).contiguous();  // [(B,) N, N]
+  // The Gram in the features' dtype (MKL), factored in the targets' (the solve dtype).
+  at::Tensor K = at::matmul(z, z.transpose(-1, -2)).to(Ys.scalar_type()).contiguous();  // [(B,) N, N]
   at::Tensor alpha;
   {  // factored in place, one problem per task
-    alpha = at::empty({B, N, C}, Zs.options());
+    alpha = at::empty({B, N, C}, Ys.options());
     std::vector<int> info(B, 0);
-    AT_DISPATCH_FLOATING_TYPES(Zs.scalar_type(), "krr_predict_fwd", [&] {
+    AT_DISPATCH_FLOATING_TYPES(Ys.scalar_type(), "krr_predict_fwd", [&] {
       scalar_t* k = K.data_ptr<scalar_t>();
       const scalar_t* y = Ys.data_ptr<scalar_t>();
       scalar_t* a = alpha.data_ptr<scalar_t>();
@@ -511,15 +513,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> krr_predict_fwd(const at
       });
     });
     for (int64_t b = 0; b < B; ++b)
-      if (info[b] != 0) return {at::empty({0}, Zs.options()), B == 1 ? K.unsqueeze(0) : K, alpha, 1};
+      if (info[b] != 0) return {at::empty({0}, Ys.options()), B == 1 ? K.unsqueeze(0) : K, alpha, 1};
   }
   const at::Tensor a = B == 1 ? alpha.select(0, 0) : alpha;
   at::Tensor P;
+  const auto sd = Ys.scalar_type();  // P in the solve dtype; products in the features' dtype
   if (via_weights) {  // P = Zq·(Zsᵀα) (+ c·1ᵀα), formed transposed: Pᵀ = (αᵀZs)Zqᵀ (thin factor on the left)
-    P = at::matmul(at::matmul(a.transpose(-1, -2), z), q.transpose(-1, -2)).transpose(-1, -2);
+    const at::Tensor Wt = at::matmul(a.transpose(-1, -2).to(z.scalar_type()), z);
+    P = at::matmul(Wt, q.transpose(-1, -2)).transpose(-1, -2).to(sd);
     if (c != 0.0) P = P + a.sum(-2, /*keepdim=*/true).mul_(c);
   } else {  // P = (ZqZsᵀ + c)·α
-    at::Tensor Kq = at::matmul(q, z.transpose(-1, -2));
+    at::Tensor Kq = at::matmul(q, z.transpose(-1, -2)).to(sd);
     if (c != 0.0) Kq.add_(c);
     P = at::matmul(Kq, a);
   }

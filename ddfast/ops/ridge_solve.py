@@ -156,11 +156,12 @@ def _describe(Z, Y, bias, solve_dtype):
 
 
 def _one_call_note(Zs, bias, solve_dtype, out_dtype):
-    """``explain``'s note on the operators ``krr_predict`` calls on the chosen cpu backend in the dual form with
-    one dtype: the one-call forward, and at N ≤ ``ONE_CALL_GRAD_MAX_N`` its closed-form backward."""
+    """``explain``'s note on the operators ``krr_predict`` calls on the chosen cpu backend in the dual form (the
+    solve in the features' dtype or float64): the one-call forward, and at N ≤ ``ONE_CALL_GRAD_MAX_N`` its
+    closed-form backward."""
     N, d = Zs.shape[-2], Zs.shape[-1] + int(bool(bias))
-    one_dtype = (solve_dtype or Zs.dtype) == Zs.dtype and (out_dtype or Zs.dtype) == Zs.dtype
-    if d < N or not one_dtype:
+    sd, od = solve_dtype or Zs.dtype, out_dtype or Zs.dtype
+    if d < N or sd not in (Zs.dtype, torch.float64) or od not in (Zs.dtype, sd):
         return {}
     note = ("krr_predict runs the cpu kernel's one-call forward (torch.ops.ddfast.krr_predict_fwd) when no "
             "derivative can be asked for")
@@ -606,7 +607,8 @@ class KrrPredictDualFunction(FastFunction):
         ∂Zs = αH − (βαᵀ + αβᵀ)Zs + 2·(∂μ/∂tr K)·(−Σ β∘α)·Zs
 
     μ = λ (absolute), λ·tr(K)/N (trace_mean) or λ·tr(K) (trace) for a float λ (a λ that requires grad takes
-    the fused Functions). Dual form, one dtype, eager mode without torch.func transforms or forward-mode
+    the fused Functions). Ys in the solve dtype (the features' or float64: K and the products with the
+    features in theirs, the factor, α and P in Ys's). Dual form, eager mode without torch.func transforms or forward-mode
     levels (the caller checks). ``create_graph=True``: the backward differentiates the reference
     formulation instead (exact derivatives of every order). Outputs (P, L, α, status); status 1 (a factor
     failed) or 2 (non-finite P) sends the caller to the fused path (jitter policy, named errors).
@@ -631,7 +633,8 @@ class KrrPredictDualFunction(FastFunction):
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: derivatives of the backward itself are wanted
             with torch.enable_grad():
-                P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=c or False)
+                P = krr_predict_ref(Zq, Zs, Ys, lam, reg=reg, detach_reg=detach_reg, bias=c or False,
+                                    solve_dtype=Ys.dtype, out_dtype=Ys.dtype)
                 wrt = [x for x, n in zip((Zq, Zs, Ys), need) if n]
                 got = iter(torch.autograd.grad(P, wrt, G, create_graph=True, allow_unused=True))
             return tuple(next(got) if n else None for n in need) + (None,) * 5
@@ -830,15 +833,16 @@ ONE_CALL_GRAD_MAX_N = {"cpu": 128}
 _REG_CODE = {"absolute": 0, "trace_mean": 1, "trace": 2}
 
 
-def _one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, via_weights, check_finite, forward_only):
+def _one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, via_weights, check_finite, forward_only, sd, od):
     """P through the operators' one-call forward (and, when a derivative can be asked for,
-    :class:`KrrPredictDualFunction`'s closed-form backward): the cpu backend, dual form, one dtype, eager
-    mode. None when λ requires grad or is not one value, a member does not factor (the fused path then
+    :class:`KrrPredictDualFunction`'s closed-form backward): the cpu backend, dual form, eager mode, the
+    solve in the features' dtype or float64 (RFAD: float32 features, a float64 solve), P in ``od``. None when λ requires grad or is not one value, a member does not factor (the fused path then
     applies the jitter policy) or the checked result is not finite (the fused path names the input)."""
     if isinstance(lam, torch.Tensor):
         if lam.numel() != 1 or lam.requires_grad:
             return None
         lam = lam.item()
+    Ys = Ys.to(sd)
     if forward_only:
         P, _, _, status = torch.ops.ddfast.krr_predict_fwd.default(Zq, Zs, Ys, float(lam), _REG_CODE[reg],
                                                                    bias_value(bias), via_weights)
@@ -848,7 +852,7 @@ def _one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, via_weights, check_finite,
     status = status.item()
     if status == 1 or (status == 2 and _checking(check_finite)):
         return None
-    return P
+    return P.to(od)
 
 
 # --------------------------------------------------------------------------- per-call plans
@@ -935,8 +939,10 @@ def _plan_krr_predict(Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_
         route = "weights"  # P = Zq·W, W = Zsᵀα (or the primal W)
     else:
         route = "gram"  # P = K_qs·α
-    # The cpu kernel's operators (_one_call): dual, one dtype; with derivatives up to ONE_CALL_GRAD_MAX_N.
-    one_call = name == "cpu" and route != "reference" and not primal and sd == od == Zs.dtype
+    # The cpu kernel's operators (_one_call): dual, the solve in the features' dtype or float64, P in either;
+    # with derivatives up to ONE_CALL_GRAD_MAX_N.
+    one_call = (name == "cpu" and route != "reference" and not primal and sd in (Zs.dtype, torch.float64)
+                and od in (Zs.dtype, sd))
     one_call_grad = one_call and N <= ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
     return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), one_call, one_call_grad
 
@@ -1037,7 +1043,7 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
     if one_call and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or Zs.is_meta
                          or _forward_ad._current_level >= 0):
         forward_only = _no_derivative(Zq, Zs, Ys, lam)
-        P = (_one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, route == "weights", check_finite, forward_only)
+        P = (_one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, route == "weights", check_finite, forward_only, sd, od)
              if forward_only or one_call_grad else None)
         if P is not None:
             if shared:
