@@ -45,7 +45,7 @@ from ddfast.reference.ridge_solve import (
 )
 
 __all__ = ["ridge_weights", "krr_predict", "ridge_from_gram", "krr_predict_from_gram", "RidgeWeightsFunction",
-           "KrrPredictFunction"]
+           "KrrPredictFunction", "KrrPredictDualFunction"]
 
 _FLOATS = (torch.float32, torch.float64)
 
