@@ -595,9 +595,6 @@ class KrrPredictFunction(FastFunction):
         return (P, L.unflatten(0, (V, -1)), alpha.unflatten(0, (V, -1)), K.unflatten(0, (V, -1))), (0, 0, 0, 0)
 
 
-# --------------------------------------------------------------------------- validation
-
-
 class KrrPredictDualFunction(FastFunction):
     """P = (ZqZsᵀ + c)α, α = (ZsZsᵀ + c + μI)⁻¹Ys in two operator calls: ``torch.ops.ddfast.krr_predict_fwd``
     (Gram, regulariser, Cholesky, solves, product; the factor L and α kept) and ``krr_predict_bwd``, the
@@ -608,8 +605,8 @@ class KrrPredictDualFunction(FastFunction):
 
     μ = λ (absolute), λ·tr(K)/N (trace_mean) or λ·tr(K) (trace) for a float λ (a λ that requires grad takes
     the fused Functions). Ys in the solve dtype (the features' or float64: K and the products with the
-    features in theirs, the factor, α and P in Ys's). Dual form, eager mode without torch.func transforms or forward-mode
-    levels (the caller checks). ``create_graph=True``: the backward differentiates the reference
+    features in theirs, the factor, α and P in Ys's). Dual form, eager mode without torch.func transforms or
+    forward-mode levels (the caller checks). ``create_graph=True``: the backward differentiates the reference
     formulation instead (exact derivatives of every order). Outputs (P, L, α, status); status 1 (a factor
     failed) or 2 (non-finite P) sends the caller to the fused path (jitter policy, named errors).
     """
@@ -640,6 +637,9 @@ class KrrPredictDualFunction(FastFunction):
             return tuple(next(got) if n else None for n in need) + (None,) * 5
         trace_coef = 0.0 if reg == "absolute" or detach_reg else lam / Zs.shape[-2] if reg == "trace_mean" else lam
         return tuple(torch.ops.ddfast.krr_predict_bwd.default(G, Zq, Zs, L, alpha, c, trace_coef, *need)) + (None,) * 5
+
+
+# --------------------------------------------------------------------------- validation
 
 
 def _check_matrix(name, x, min_dims=2):
@@ -709,8 +709,8 @@ def _fold_scale(scale, lam, reg, bias):
     if s == 1.0:
         return lam, bias
     c = bias_value(bias)
-    if reg == "absolute" and isinstance(lam, numbers.Real) and not isinstance(lam, bool):
-        lam = float(lam) / s
+    if reg == "absolute" and isinstance(lam, numbers.Real) and not isinstance(lam, bool) and 0 < lam < float("inf"):
+        lam = float(lam) / s  # (a bad λ is left as given: its error names the value the caller passed)
     elif reg == "absolute" and isinstance(lam, torch.Tensor):
         lam = lam / s
     return lam, (c / s if c else False)
@@ -810,19 +810,20 @@ def _vector_targets(Y, Z, name):
 #   d = 192–2048: 1.6–3.3.
 # Against the eager ``torch.linalg.solve`` formulation the fused path is 1.0–2.8× at N ≥ 32; below, the
 # per-call cost decides: the validation and the dispatch choice are made once per argument signature
-# (``_PLANS``), the finiteness check is one sum (``_all_finite``), and krr_predict in the dual form with one
-# dtype runs as two operator calls (:class:`KrrPredictDualFunction`, ``ONE_CALL_GRAD_MAX_N``).
+# (``_PLANS``), the finiteness check is one sum (``_all_finite``), and krr_predict in the dual form runs as
+# two operator calls (:class:`KrrPredictDualFunction`, ``ONE_CALL_GRAD_MAX_N``).
 
 
-#: krr_predict on the cpu backend (dual form, one dtype, eager mode, a float λ) runs as the operators
+#: krr_predict on the cpu backend (dual form, the solve in the features' dtype or float64, eager mode, a
+#: float λ) runs as the operators
 #: ``krr_predict_fwd`` / ``krr_predict_bwd`` (:class:`KrrPredictDualFunction`: one autograd node, the
 #: backward's only pass over the queries is GᵀZq) instead of the fused Functions (two nodes, the ridge
 #: kernels and Zq·W) up to this support size N; a call no derivative can be asked of takes the one-call
 #: forward at every N. Measured on the two-core CPU box, one thread, float32, M = 256 queries, C = 10,
 #: fwd+bwd (gradients of Zs and Ys), process CPU time, minimum of interleaved rounds:
 #:   vs the eager torch.linalg.solve formulation (bench/krr_eager_small_n.py), d = 512 / 2048 / 8192:
-#:     N = 10: 1.11 1.08 1.02   N = 16: 1.21 1.15 1.15   N = 32: 1.56 1.60 1.60   N = 64: 1.96 1.98 2.11
-#:     N = 128: 1.89 2.18 2.38
+#:     N = 10: 1.07 1.06 1.01   N = 16: 1.18 1.15 1.11   N = 24: 1.36 1.29 1.37   N = 32: 1.49 1.49 1.64
+#:     N = 64: 1.86 2.04 2.10   N = 128: 1.95 2.15 2.42
 #:   (the fused Functions before: N = 10: 0.72 0.85 0.93, N = 16: 0.84 0.85 0.91, N = 32: 1.02 1.21 1.44)
 #:   fused Functions time / these operators, same run: N = 24, d = 512: 1.40; N = 64, d = 2048: 1.23;
 #:   N = 128: 1.06 (d = 512), 1.01 (2048); N = 129 (the operators' LAPACK branch): 0.90; N = 256: 0.77 / 0.76;
@@ -836,8 +837,9 @@ _REG_CODE = {"absolute": 0, "trace_mean": 1, "trace": 2}
 def _one_call(Zq, Zs, Ys, lam, reg, detach_reg, bias, via_weights, check_finite, forward_only, sd, od):
     """P through the operators' one-call forward (and, when a derivative can be asked for,
     :class:`KrrPredictDualFunction`'s closed-form backward): the cpu backend, dual form, eager mode, the
-    solve in the features' dtype or float64 (RFAD: float32 features, a float64 solve), P in ``od``. None when λ requires grad or is not one value, a member does not factor (the fused path then
-    applies the jitter policy) or the checked result is not finite (the fused path names the input)."""
+    solve in the features' dtype or float64 (RFAD: float32 features, a float64 solve), P in ``od``. None
+    when λ requires grad or is not one value, a member does not factor (the fused path then applies the
+    jitter policy) or the checked result is not finite (the fused path names the input)."""
     if isinstance(lam, torch.Tensor):
         if lam.numel() != 1 or lam.requires_grad:
             return None
@@ -1024,8 +1026,8 @@ def krr_predict(Zq, Zs, Ys, lam, *, reg="absolute", detach_reg=False, bias=False
             is computed from the support Gram K = ZsZsᵀ (+ c)).
     Shape: P (..., M, C).
     The product is associated as Zq·W (W = Zsᵀα, or the primal W when d < N) or as K_qs·α, whichever
-    takes fewer flops: M·N·(d+C) vs d·C·(N+M). On the cpu backend the dual form with one dtype runs as two
-    operator calls (the one-call forward and, at N ≤ ``ONE_CALL_GRAD_MAX_N``, its closed-form backward:
+    takes fewer flops: M·N·(d+C) vs d·C·(N+M). On the cpu backend the dual form (the solve in the features'
+    dtype or float64) runs as two operator calls (the one-call forward and, at N ≤ ``ONE_CALL_GRAD_MAX_N``, its closed-form backward:
     :class:`KrrPredictDualFunction`) with the same checks and jitter policy.
     Equivalent PyTorch: ``ddfast.reference.ridge_solve.krr_predict_ref``.
     """
