@@ -110,9 +110,12 @@ void check_cholesky_solve(const at::Tensor& R, const at::Tensor& L) {
   check_same_device(R, "R", L, "L", op);
 }
 
-void check_krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
-                           int64_t reg, double c) {
-  constexpr const char* op = "krr_predict_fwd";
+namespace {
+
+// The operands both krr_predict operators share: Zq [..., M, d], Zs [..., N, d] (N, d ≥ 1) and the
+// [..., N, C] tensor `T` (the targets Ys, or α), in the features' dtype or float64 (the solve dtype).
+void check_krr_operands(const char* op, const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& T,
+                        const char* t_name) {
   TORCH_CHECK(Zs.defined() && Zs.dim() >= 2, op, ": Zs: expected shape [..., N, d], got ",
               Zs.defined() ? Zs.sizes() : c10::IntArrayRef{});
   const int64_t r = Zs.dim(), N = Zs.size(r - 2), d = Zs.size(r - 1);
@@ -120,17 +123,25 @@ void check_krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs, const at:
   TORCH_CHECK(Zq.defined() && Zq.dim() == r && Zq.sizes().slice(0, r - 2) == lead && Zq.size(r - 1) == d, op,
               ": Zq: expected shape [..., M, d] with the batch dims and d of Zs ", Zs.sizes(), ", got ",
               Zq.defined() ? Zq.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK(Ys.defined() && Ys.dim() == r && Ys.sizes().slice(0, r - 2) == lead && Ys.size(r - 2) == N, op,
-              ": Ys: expected shape [..., N, C] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
-              Ys.defined() ? Ys.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(T.defined() && T.dim() == r && T.sizes().slice(0, r - 2) == lead && T.size(r - 2) == N, op, ": ",
+              t_name, ": expected shape [..., N, C] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
+              T.defined() ? T.sizes() : c10::IntArrayRef{});
   check_float(Zs, op, "Zs");
   check_same_dtype(Zq, "Zq", Zs, "Zs", op);
-  TORCH_CHECK(Ys.scalar_type() == Zs.scalar_type() || Ys.scalar_type() == at::kDouble, op,
-              ": Ys: expected dtype ", Zs.scalar_type(), " (the dtype of Zs) or float64 (a wider solve), got ",
-              Ys.scalar_type());
+  TORCH_CHECK(T.scalar_type() == Zs.scalar_type() || T.scalar_type() == at::kDouble, op, ": ", t_name,
+              ": expected dtype ", Zs.scalar_type(), " (the dtype of Zs) or float64 (a wider solve), got ",
+              T.scalar_type());
   check_same_device(Zq, "Zq", Zs, "Zs", op);
-  check_same_device(Ys, "Ys", Zs, "Zs", op);
+  check_same_device(T, t_name, Zs, "Zs", op);
   TORCH_CHECK(N > 0 && d > 0, op, ": Zs: expected N, d ≥ 1, got ", Zs.sizes());
+}
+
+}  // namespace
+
+void check_krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& Ys, double lam,
+                           int64_t reg, double c) {
+  constexpr const char* op = "krr_predict_fwd";
+  check_krr_operands(op, Zq, Zs, Ys, "Ys");
   TORCH_CHECK(std::isfinite(lam) && lam > 0, op, ": lam: expected a finite λ > 0, got ", lam);
   TORCH_CHECK(reg >= 0 && reg <= 2, op, ": reg: expected 0 (absolute), 1 (trace_mean) or 2 (trace), got ", reg);
   TORCH_CHECK(std::isfinite(c) && c >= 0, op, ": c: expected a finite kernel constant ≥ 0, got ", c);
@@ -145,17 +156,9 @@ std::vector<int64_t> krr_predict_fwd_shape(const at::Tensor& Zq, const at::Tenso
 void check_krr_predict_bwd(const at::Tensor& G, const at::Tensor& Zq, const at::Tensor& Zs, const at::Tensor& L,
                            const at::Tensor& alpha, double c, double trace_coef) {
   constexpr const char* op = "krr_predict_bwd";
-  TORCH_CHECK(Zs.defined() && Zs.dim() >= 2, op, ": Zs: expected shape [..., N, d], got ",
-              Zs.defined() ? Zs.sizes() : c10::IntArrayRef{});
-  const int64_t r = Zs.dim(), N = Zs.size(r - 2), d = Zs.size(r - 1);
+  check_krr_operands(op, Zq, Zs, alpha, "alpha");
+  const int64_t r = Zs.dim(), N = Zs.size(r - 2), M = Zq.size(r - 2), C = alpha.size(r - 1);
   const auto lead = Zs.sizes().slice(0, r - 2);
-  TORCH_CHECK(Zq.defined() && Zq.dim() == r && Zq.sizes().slice(0, r - 2) == lead && Zq.size(r - 1) == d, op,
-              ": Zq: expected shape [..., M, d] with the batch dims and d of Zs ", Zs.sizes(), ", got ",
-              Zq.defined() ? Zq.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK(alpha.defined() && alpha.dim() == r && alpha.sizes().slice(0, r - 2) == lead && alpha.size(r - 2) == N,
-              op, ": alpha: expected shape [..., N, C] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
-              alpha.defined() ? alpha.sizes() : c10::IntArrayRef{});
-  const int64_t M = Zq.size(r - 2), C = alpha.size(r - 1);
   TORCH_CHECK(L.defined() && L.dim() == r && L.sizes().slice(0, r - 2) == lead && L.size(r - 2) == N &&
                   L.size(r - 1) == N,
               op, ": L: expected shape [..., N, N] with the batch dims and N of Zs ", Zs.sizes(), ", got ",
@@ -163,17 +166,10 @@ void check_krr_predict_bwd(const at::Tensor& G, const at::Tensor& Zq, const at::
   TORCH_CHECK(G.defined() && G.dim() == r && G.sizes().slice(0, r - 2) == lead && G.size(r - 2) == M &&
                   G.size(r - 1) == C,
               op, ": G: expected shape [..., M, C] like P, got ", G.defined() ? G.sizes() : c10::IntArrayRef{});
-  check_float(Zs, op, "Zs");
-  check_same_dtype(Zq, "Zq", Zs, "Zs", op);
-  TORCH_CHECK(alpha.scalar_type() == Zs.scalar_type() || alpha.scalar_type() == at::kDouble, op,
-              ": alpha: expected dtype ", Zs.scalar_type(), " (the dtype of Zs) or float64 (a wider solve), got ",
-              alpha.scalar_type());
   check_same_dtype(L, "L", alpha, "alpha", op);
   check_same_dtype(G, "G", alpha, "alpha", op);
-  for (const auto& [x, name] : {std::pair<const at::Tensor&, const char*>{G, "G"}, {Zq, "Zq"}, {L, "L"},
-                                {alpha, "alpha"}})
-    check_same_device(x, name, Zs, "Zs", op);
-  TORCH_CHECK(N > 0 && d > 0, op, ": Zs: expected N, d ≥ 1, got ", Zs.sizes());
+  check_same_device(L, "L", Zs, "Zs", op);
+  check_same_device(G, "G", Zs, "Zs", op);
   TORCH_CHECK(std::isfinite(c) && c >= 0, op, ": c: expected a finite kernel constant ≥ 0, got ", c);
   TORCH_CHECK(std::isfinite(trace_coef) && trace_coef >= 0, op, ": trace_coef: expected a finite value ≥ 0, got ",
               trace_coef);
