@@ -271,7 +271,8 @@ KrrFwdOut krr_predict_fwd_cpu(const at::Tensor& Zq, const at::Tensor& Zs, const 
                                                             Ys.reshape({-1, N, C}), lam, reg, c, via_weights);
   // A failed factor is reported by the status alone; the outputs keep their shapes.
   P = status == 1 ? at::zeros(krr_predict_fwd_shape(Zq, Ys), Ys.options()) : P.view(krr_predict_fwd_shape(Zq, Ys));
-  return {P, L.view(krr_factor_shape(Zs)), alpha.view(Ys.sizes()), at::scalar_tensor(status, Zs.options().dtype(at::kInt))};
+  return {P, L.reshape(krr_factor_shape(Zs)), alpha.reshape(Ys.sizes()),
+          at::scalar_tensor(status, Zs.options().dtype(at::kInt))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_cpu(const at::Tensor& G, const at::Tensor& Zq,

@@ -32,7 +32,7 @@ def _counting(monkeypatch, name):
     return calls
 
 
-def _inputs(N=6, d=9, M=5, C=3, dtype=torch.float64, seed=0):
+def _inputs(N=6, d=9, M=12, C=2, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(M, d, generator=g, dtype=dtype), torch.randn(N, d, generator=g, dtype=dtype),
             torch.randn(N, C, generator=g, dtype=dtype))
@@ -54,13 +54,14 @@ def _grads(f, *xs, G=None):
 @pytest.mark.parametrize("reg", ["absolute", "trace_mean", "trace"])
 def test_operator_path_matches_fused_and_reference(monkeypatch, bias, reg, detach_reg):
     """Values and first derivatives (Zq, Zs, Ys) of the operator path against the fused Functions and the
-    float64 reference, both associations of the product (M = 5: K_qs·α; M = 40: Zq·W)."""
+    float64 reference, both associations of the product (N = 4, d = 100, M = 8, C = 3: K_qs·α; the other:
+    Zq·W), each within ONE_CALL_GRAD_MAX_FLOP_RATIO."""
     calls = []
     fn = rs._one_call
     monkeypatch.setattr(rs, "_one_call", lambda *a: calls.append(a[9]) or fn(*a))  # a[9]: forward_only
     lam = 0.3 if reg == "absolute" else 0.05
-    for M in (5, 40):
-        Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(M=M))
+    for N, d, M, C in [(4, 100, 8, 3), (6, 9, 40, 2)]:
+        Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(N=N, d=d, M=M, C=C))
         kw = dict(reg=reg, bias=bias, detach_reg=detach_reg)
         P, G, got = _grads(lambda *a: krr_predict(*a, lam, **kw), Zq, Zs, Ys)
         assert calls[-1] is False, "a derivative can be asked for: the operators with their backward"
@@ -80,6 +81,23 @@ def test_operator_path_matches_fused_and_reference(monkeypatch, bias, reg, detac
         for g, w in zip(got, fused):
             torch.testing.assert_close(g, w, **F64)
         assert len(calls) == n
+
+
+def test_operator_path_is_kept_for_few_targets_per_support_row(monkeypatch):
+    """Many targets per support row (KRR-ST's target representations) take the fused Functions' backward,
+    whose products with the queries scale with N instead of C (ONE_CALL_GRAD_MAX_FLOP_RATIO)."""
+    ran = []
+    fn = rs._one_call
+    monkeypatch.setattr(rs, "_one_call", lambda *a: ran.append(a[9]) or fn(*a))
+    Zq, Zs, Ys = _inputs(N=6, d=40, M=20, C=2)
+    krr_predict(Zq, Zs.requires_grad_(), Ys, 0.3)
+    assert ran == [False]
+    Zq, Zs, Ys = _inputs(N=6, d=40, M=20, C=30)  # C·(M + 2N)/(N·M) = 8
+    P = krr_predict(Zq, Zs.requires_grad_(), Ys, 0.3)
+    assert ran == [False] and "KrrPredictDual" not in type(P.grad_fn).__name__
+    with torch.no_grad():  # without a derivative the one-call forward still runs
+        krr_predict(Zq, Zs, Ys, 0.3)
+    assert ran == [False, True]
 
 
 def test_operator_path_computes_only_the_gradients_asked_for():
@@ -152,7 +170,7 @@ def test_forward_only_call_matches_reference(monkeypatch, dtype, batch, reg, bia
 
 def test_forward_only_op_checks_its_arguments():
     op = torch.ops.ddfast.krr_predict_fwd.default
-    Zq, Zs, Ys = _inputs()
+    Zq, Zs, Ys = _inputs(M=5, C=3)
     P, L, alpha, status = op(Zq, Zs, Ys, 0.3, 0, 0.0, False)
     assert int(status) == 0 and P.shape == (5, 3) and L.shape == (6, 6) and alpha.shape == (6, 3)
     torch.testing.assert_close(L, torch.linalg.cholesky(Zs @ Zs.T + 0.3 * torch.eye(6, dtype=Zs.dtype)), **F64)
@@ -187,15 +205,15 @@ def test_forward_only_op_checks_its_arguments():
         bwd(G, Zq, Zs, L, alpha, float("nan"), 0.0, True, True, True)
 
 
-@pytest.mark.parametrize("N, d", [(4, 7), (12, 20)])  # the two associations: K_qs·α (N=4: M·N·(d+C) fewer), Zq·W
-def test_operator_path_higher_derivatives(monkeypatch, N, d):
+@pytest.mark.parametrize("N, d, M, C", [(4, 100, 8, 3), (12, 20, 8, 2)])  # the two associations: K_qs·α, Zq·W
+def test_operator_path_higher_derivatives(monkeypatch, N, d, M, C):
     """gradcheck and gradgradcheck through KrrPredictDualFunction (a float λ; create_graph differentiates the
     reference formulation), and with a λ that requires grad (the fused Functions); torch.func transforms
     (the fused Functions) agree with the operator path's derivatives."""
     calls = []
     fn = rs._one_call
     monkeypatch.setattr(rs, "_one_call", lambda *a: calls.append(fn(*a) is not None) or fn(*a))
-    Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(N=N, d=d, M=3, C=2))
+    Zq, Zs, Ys = (x.requires_grad_() for x in _inputs(N=N, d=d, M=M, C=C))
 
     def f(zq, zs, ys):
         return krr_predict(zq, zs, ys, 0.4, reg="trace_mean", bias=True)
@@ -211,7 +229,7 @@ def test_operator_path_higher_derivatives(monkeypatch, N, d):
     z = Zs.detach()
     P = lambda zs: krr_predict(Zq.detach(), zs, Ys.detach(), 0.4, bias=True)  # noqa: E731
     jac = torch.stack([torch.autograd.grad(P(zr)[i, j], zr)[0] for zr in [z.clone().requires_grad_()]
-                       for i in range(3) for j in range(2)]).reshape(3, 2, N, d)
+                       for i in range(M) for j in range(C)]).reshape(M, C, N, d)
     torch.testing.assert_close(torch.func.jacrev(P)(z), jac, **F64)
     torch.testing.assert_close(torch.func.jacfwd(P)(z), jac, **F64)
     zb = torch.stack([z, 1.5 * z])
@@ -224,7 +242,7 @@ def test_operator_path_higher_derivatives(monkeypatch, N, d):
 
 
 def test_operator_path_vector_targets_and_shared_support():
-    Zq, Zs, Ys = _inputs(M=4)
+    Zq, Zs, Ys = _inputs(M=4, C=3)
     Zq3 = torch.stack([Zq, -Zq])  # (2, M, d) queries against one support set (N, d)
     torch.testing.assert_close(krr_predict(Zq3, Zs, Ys, 0.2), krr_predict(Zq3, Zs, Ys, 0.2, backend="cpu"), **F64)
     torch.testing.assert_close(krr_predict(Zq, Zs, Ys[:, 0], 0.2), krr_predict_ref(Zq, Zs, Ys[:, :1], 0.2)[:, 0], **F64)
@@ -256,7 +274,7 @@ def test_operator_path_names_a_non_finite_input(bad):
     Zq, Zs, Ys = _inputs(dtype=torch.float32)
     args = dict(Zq=Zq, Zs=Zs, Ys=Ys)
     args[bad] = args[bad].clone()
-    args[bad][1, 2] = float("nan")
+    args[bad][1, 1] = float("nan")
     with pytest.raises(ValueError, match=bad):
         krr_predict(args["Zq"], args["Zs"], args["Ys"], 0.5)
     if bad == "Zq":  # the output check is skipped on request (a NaN support set still fails the solve)

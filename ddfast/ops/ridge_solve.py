@@ -142,7 +142,7 @@ RIDGE_SOLVE = _backends.register_op(
     describe={
         "ridge_weights": lambda Z, Y, lam=None, *, bias=False, solve_dtype=None, **_: _describe(Z, Y, bias, solve_dtype),
         "krr_predict": lambda Zq, Zs, Ys, lam=None, *, bias=False, solve_dtype=None, out_dtype=None, **_: {
-            **_describe(Zs, Ys, bias, solve_dtype), **_one_call_note(Zs, bias, solve_dtype, out_dtype)},
+            **_describe(Zs, Ys, bias, solve_dtype), **_one_call_note(Zq, Zs, Ys, bias, solve_dtype, out_dtype)},
     },
 )
 _KERNELS = {name: impl.kernels for name, impl in RIDGE_SOLVE.impls.items() if impl.kernels is not None}
@@ -155,22 +155,29 @@ def _describe(Z, Y, bias, solve_dtype):
             "C": Y.shape[-1], "primal": d < N}
 
 
-def _one_call_note(Zs, bias, solve_dtype, out_dtype):
+def _one_call_note(Zq, Zs, Ys, bias, solve_dtype, out_dtype):
     """``explain``'s note on the operators ``krr_predict`` calls on the chosen cpu backend in the dual form (the
     solve in the features' dtype or float64): the one-call forward, and at N ≤ ``ONE_CALL_GRAD_MAX_N`` its
-    closed-form backward."""
+    closed-form backward (few targets per support row: ``ONE_CALL_GRAD_MAX_FLOP_RATIO``)."""
     N, d = Zs.shape[-2], Zs.shape[-1] + int(bool(bias))
+    M = Zq.shape[:-1].numel() if Zs.dim() == 2 and Zq.dim() > 2 else Zq.shape[-2]
+    C = Ys.shape[-1] if Ys.dim() == Zs.dim() else 1
     sd, od = solve_dtype or Zs.dtype, out_dtype or Zs.dtype
     if d < N or sd not in (Zs.dtype, torch.float64) or od not in (Zs.dtype, sd):
         return {}
     note = ("krr_predict runs the cpu kernel's one-call forward (torch.ops.ddfast.krr_predict_fwd) when no "
             "derivative can be asked for")
     limit = ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
-    if N <= limit:
+    ratio = C * (M + 2 * N) / (N * M)
+    if N <= limit and ratio <= ONE_CALL_GRAD_MAX_FLOP_RATIO:
         note += (f", and with its closed-form backward (krr_predict_bwd) when one can (N = {N} ≤ "
-                 f"ONE_CALL_GRAD_MAX_N = {limit}, a float λ)")
-    else:
+                 f"ONE_CALL_GRAD_MAX_N = {limit}, C·(M+2N)/(N·M) = {ratio:.2f} ≤ {ONE_CALL_GRAD_MAX_FLOP_RATIO}, "
+                 "a float λ)")
+    elif N > limit:
         note += f"; derivatives go through the fused Functions (N = {N} > ONE_CALL_GRAD_MAX_N = {limit})"
+    else:
+        note += (f"; derivatives go through the fused Functions (C·(M+2N)/(N·M) = {ratio:.2f} > "
+                 f"ONE_CALL_GRAD_MAX_FLOP_RATIO = {ONE_CALL_GRAD_MAX_FLOP_RATIO})")
     return {"note": note}
 
 
@@ -830,6 +837,15 @@ def _vector_targets(Y, Z, name):
 #:   N = 500: 0.70 / 0.66 — above 128 the fused ridge kernels win.
 ONE_CALL_GRAD_MAX_N = {"cpu": 128}
 
+#: ... and while its backward's products with the features, H = GᵀZq (C·M·d) and the two C·N·d products,
+#: cost at most this multiple of the fused backward's ∂K_qsᵀZq (N·M·d): C·(M + 2N) ≤ ratio·N·M, i.e. few
+#: targets C per support row (classification heads; KRR-ST's C = 512 target dims at N = 100 is 9×). Fused
+#: time / operators' time, fwd+bwd, d = 2048, M = 256 unless noted, by the ratio C·(M + 2N)/(N·M):
+#: 0.94 (N = 16, C = 10, d = 512, M = 64): 1.86;  1.08 (N = C = 10): 1.08;  1.25 (N = C = 32): 1.15;
+#: 1.50 (N = C = 64, d = 512): 1.17;  1.78 (N = C = 100): 0.91;  3.45 (N = 10, C = 32): 0.86;
+#: 3.56 (N = 100, C = 200, d = 512): 0.83;  3.91 (N = 32, C = 100): 0.72;  9.12 (N = 100, C = 512): 0.45.
+ONE_CALL_GRAD_MAX_FLOP_RATIO = 1.5
+
 
 _REG_CODE = {"absolute": 0, "trace_mean": 1, "trace": 2}
 
@@ -945,7 +961,8 @@ def _plan_krr_predict(Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_
     # with derivatives up to ONE_CALL_GRAD_MAX_N.
     one_call = (name == "cpu" and route != "reference" and not primal and sd in (Zs.dtype, torch.float64)
                 and od in (Zs.dtype, sd))
-    one_call_grad = one_call and N <= ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
+    one_call_grad = (one_call and N <= ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
+                     and C * (M + 2 * N) <= ONE_CALL_GRAD_MAX_FLOP_RATIO * N * M)
     return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), one_call, one_call_grad
 
 
