@@ -416,3 +416,44 @@ def test_operator_path_float64_solve_of_float32_features(monkeypatch, N, out_dty
     with torch.no_grad():  # the forward alone
         P = ours(*(x.float() for x in xs))
     torch.testing.assert_close(P, got[0].detach())
+
+
+def test_operator_path_random_configurations():
+    """Random configurations against the float64 reference, values and the gradients of whichever inputs
+    require grad: batch shapes (), (1,), (3,), (2, 2); a support set shared by batched queries; 1-D targets;
+    the support set as its own queries; non-contiguous features; three regularisers, the kernel constant
+    and scale, a detached regulariser."""
+    import random
+
+    rng = random.Random(0)
+    ran = []
+    for _ in range(60):
+        B = rng.choice([(), (1,), (3,), (2, 2)])
+        N = rng.randint(1, 12)
+        d, M, C = rng.randint(N, N + 20), rng.randint(1, 30), rng.randint(1, 3)
+        shared, vector, self_queries = rng.random() < 0.2 and B != (), rng.random() < 0.15, rng.random() < 0.15
+        kw = dict(reg=rng.choice(["absolute", "trace_mean", "trace"]), bias=rng.choice([False, True, 0.3]),
+                  detach_reg=rng.random() < 0.3, scale=rng.choice([1.0, 2.5]))
+        lam = rng.choice([0.1, 1.0])
+        Zs = torch.randn(*(() if shared else B), N, d, dtype=torch.float64)
+        if rng.random() < 0.3:
+            Zs = Zs.mT.contiguous().mT
+        Zq = Zs if self_queries and not shared else torch.randn(*B, M, d, dtype=torch.float64)
+        Ys = torch.randn(*(() if shared else B), N, *(() if vector else (C,)), dtype=torch.float64)
+        need = [rng.random() < 0.6 for _ in range(3)]
+        need[1] = need[1] or not any(need)
+        ours = [x.clone().requires_grad_(n) for x, n in zip((Zq, Zs, Ys), need)]
+        ref = [x.clone().requires_grad_(n) for x, n in zip((Zq, Zs, Ys), need)]
+        if Zq is Zs:  # the support set is its own query set: one tensor in both places
+            ours[0], ref[0] = ours[1], ref[1]
+        P = krr_predict(*ours, lam, **kw)
+        ran.append("KrrPredictDual" in type(P.grad_fn).__name__)
+        q = ref[0].reshape(-1, d) if shared else ref[0]
+        R = krr_predict_ref(q, ref[1], ref[2].unsqueeze(-1) if vector else ref[2], lam, **kw)
+        R = R.reshape(P.shape)
+        torch.testing.assert_close(P, R, **F64)
+        G = torch.randn_like(P)
+        wrt = lambda xs: list(dict.fromkeys(x for x in xs if x.requires_grad))  # noqa: E731
+        for g, w in zip(torch.autograd.grad(P, wrt(ours), G), torch.autograd.grad(R, wrt(ref), G)):
+            torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-7)
+    assert sum(ran) > 30, "most configurations take the operator path"
