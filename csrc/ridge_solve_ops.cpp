@@ -12,8 +12,9 @@
 //   krr_predict_fwd(Zq[...,M,d], Zs[...,N,d], Ys[...,N,C], lam, reg, c, via_weights)
 //           -> P[...,M,C], L[...,N,N], alpha[...,N,C], status[]
 //       dual; Zq, Zs of one dtype, Ys of that dtype or float64 (the solve dtype: K is formed in the
-//       features' dtype and factored in Ys's; P, L, α in Ys's): P = (ZqZsᵀ + c)α, α = (K + μI)⁻¹Ys = (LLᵀ)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0),
-//       λ·tr(K)/N (1), λ·tr(K) (2); status 0 ok, 1 a factor failed (P zeros), 2 non-finite P.
+//       features' dtype and factored in Ys's; P, L, α in Ys's): P = (ZqZsᵀ + c)α,
+//       α = (K + μI)⁻¹Ys = (LLᵀ)⁻¹Ys, K = ZsZsᵀ + c, μ = λ (reg 0), λ·tr(K)/N (1), λ·tr(K) (2);
+//       status 0 ok, 1 a factor failed (P zeros), 2 non-finite P.
 //       The whole small-support prediction in one call (no per-op overhead); L and α are what the
 //       backward reuses.
 //   krr_predict_bwd(G[...,M,C], Zq, Zs, L, alpha, c, trace_coef, need_dzq, need_dzs, need_dys) -> dZq, dZs, dYs
@@ -367,7 +368,8 @@ KrrFwdOut krr_predict_fwd_composite(const at::Tensor& Zq_in, const at::Tensor& Z
       at::cholesky_solve(Ys, at::where(ok, L, at::eye(K.size(1), K.options()).expand_as(K)), /*upper=*/false);
   at::Tensor P;
   if (via_weights) {  // formed transposed, Pᵀ = (αᵀZs)Zqᵀ: the thin factor on the left (MKL's fast orientation)
-    P = at::matmul(at::matmul(alpha.transpose(1, 2).to(Zs.scalar_type()), Zs), Zq.transpose(1, 2)).transpose(1, 2).to(sd);
+    const at::Tensor Wt = at::matmul(alpha.transpose(1, 2).to(Zs.scalar_type()), Zs);
+    P = at::matmul(Wt, Zq.transpose(1, 2)).transpose(1, 2).to(sd);
     if (c != 0.0) P = P + alpha.sum(1, /*keepdim=*/true) * c;
   } else {
     at::Tensor Kq = at::matmul(Zq, Zst).to(sd);
@@ -406,11 +408,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> krr_predict_bwd_composite(const a
   const at::Tensor H = at::matmul(T(G), Zq);  // GᵀZq [C, d]: the only pass over the queries
   at::Tensor galpha_t = at::matmul(H, T(Zs)).to(L.scalar_type());  // (K_qsᵀG)ᵀ = HZsᵀ (+ c·1ᵀG) [C, N]
   if (c != 0.0) galpha_t.add_(Gs.sum(-2).unsqueeze(-1), c);
-  // β = (LLᵀ)⁻¹ K_qsᵀG: the in-place small solve on CPU, LAPACK / cuSOLVER otherwise.
-  const at::Tensor R = T(galpha_t), L3 = B == 1 ? L.unsqueeze(0) : L;
-  at::Tensor beta = (L.is_cpu() && N <= ddfast::cpu::kKrrPredictFwdMaxN)
-                        ? ddfast::cpu::cholesky_solve(B == 1 ? R.unsqueeze(0) : R, L3)
-                        : at::cholesky_solve(B == 1 ? R.unsqueeze(0) : R, L3, /*upper=*/false);
+  // β = (LLᵀ)⁻¹ K_qsᵀG: the CPU kernel's solve (row-wise or LAPACK, whichever is faster), cuSOLVER on CUDA.
+  const at::Tensor R = B == 1 ? T(galpha_t).unsqueeze(0) : T(galpha_t), L3 = B == 1 ? L.unsqueeze(0) : L;
+  at::Tensor beta = L.is_cpu() ? ddfast::cpu::cholesky_solve(R, L3) : at::cholesky_solve(R, L3, /*upper=*/false);
   if (B == 1) beta = beta.squeeze(0);
   if (need_dys) dYs = beta.contiguous().reshape(alpha_in.sizes());
   if (need_dzs) {

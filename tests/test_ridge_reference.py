@@ -165,3 +165,15 @@ def test_meta_device_gives_shapes_without_host_syncs():
     assert W.device.type == "meta" and W.shape == (3, 5, 2)
     P = krr_predict(torch.empty(3, 4, 5, device="meta"), Z, Y, 0.1, bias=True)
     assert P.device.type == "meta" and P.shape == (3, 4, 2)
+
+
+@pytest.mark.parametrize("reg", ["trace_mean", "trace"])
+def test_trace_regularizer_second_derivatives_at_zero_features(reg):
+    """μ's Hessian in the features is exact everywhere, including Z = 0 (all-zero support features): 2λ/N·I
+    or 2λ·I, never NaN."""
+    from ddfast.reference.ridge_solve import ridge_regularizer
+
+    Z = torch.zeros(3, 4, dtype=torch.float64)
+    H = torch.autograd.functional.hessian(lambda z: ridge_regularizer(z, 0.5, reg).sum(), Z).reshape(12, 12)
+    want = 2 * 0.5 / (3 if reg == "trace_mean" else 1) * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(H, want)

@@ -19,8 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ridge_solve_bwd(
 // Largest support size N krr_predict_fwd factors in place (larger: the ATen composite in ridge_solve_ops.cpp).
 constexpr int64_t kKrrPredictFwdMaxN = 128;
 
-// Forward-only kernel-ridge prediction P = (ZqZsᵀ + c)(ZsZsᵀ + c + μI)⁻¹Ys for Zq [B,M,d], Zs [B,N,d],
-// Ys [B,N,C] (dual form, one dtype): μ = λ (reg 0), λ·tr(K)/N (1) or λ·tr(K) (2) with K = ZsZsᵀ + c;
+// Kernel-ridge prediction P = (ZqZsᵀ + c)(ZsZsᵀ + c + μI)⁻¹Ys for Zq [B,M,d], Zs [B,N,d], Ys [B,N,C]
+// (dual form; Zq, Zs of one dtype, Ys of that dtype or float64 — the solve dtype, in which L, α and P
+// come back): μ = λ (reg 0), λ·tr(K)/N (1) or λ·tr(K) (2) with K = ZsZsᵀ + c;
 // via_weights associates the product as Zq·(Zsᵀα). Returns (P [B,M,C], L [B,N,N] (lower factor of
 // K + μI), α [B,N,C], status): 0 ok, 1 a factor failed (P empty; L, α unspecified), 2 non-finite P.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> krr_predict_fwd(const at::Tensor& Zq, const at::Tensor& Zs,

@@ -155,30 +155,33 @@ def _describe(Z, Y, bias, solve_dtype):
             "C": Y.shape[-1], "primal": d < N}
 
 
+def _operator_path(N, M, C, primal, dtype, sd, od, device_type):
+    """Whether krr_predict runs as the cpu kernel's operators (its cpu backend chosen, the product not through
+    the reference): (the one-call forward: dual form, the solve in the features' dtype or float64, P in either;
+    its closed-form backward too: N ≤ ``ONE_CALL_GRAD_MAX_N`` and few targets per support row,
+    C·(M + 2N) ≤ ``ONE_CALL_GRAD_MAX_FLOP_RATIO``·N·M)."""
+    forward = not primal and sd in (dtype, torch.float64) and od in (dtype, sd)
+    backward = (forward and N <= ONE_CALL_GRAD_MAX_N.get(device_type, 0)
+                and C * (M + 2 * N) <= ONE_CALL_GRAD_MAX_FLOP_RATIO * N * M)
+    return forward, backward
+
+
 def _one_call_note(Zq, Zs, Ys, bias, solve_dtype, out_dtype):
-    """``explain``'s note on the operators ``krr_predict`` calls on the chosen cpu backend in the dual form (the
-    solve in the features' dtype or float64): the one-call forward, and at N ≤ ``ONE_CALL_GRAD_MAX_N`` its
-    closed-form backward (few targets per support row: ``ONE_CALL_GRAD_MAX_FLOP_RATIO``)."""
+    """``explain``'s note on the operators ``krr_predict`` calls on the chosen cpu backend
+    (:func:`_operator_path`)."""
     N, d = Zs.shape[-2], Zs.shape[-1] + int(bool(bias))
     M = Zq.shape[:-1].numel() if Zs.dim() == 2 and Zq.dim() > 2 else Zq.shape[-2]
     C = Ys.shape[-1] if Ys.dim() == Zs.dim() else 1
-    sd, od = solve_dtype or Zs.dtype, out_dtype or Zs.dtype
-    if d < N or sd not in (Zs.dtype, torch.float64) or od not in (Zs.dtype, sd):
+    forward, backward = _operator_path(N, M, C, d < N, Zs.dtype, solve_dtype or Zs.dtype, out_dtype or Zs.dtype,
+                                       Zs.device.type)
+    if not forward:
         return {}
     note = ("krr_predict runs the cpu kernel's one-call forward (torch.ops.ddfast.krr_predict_fwd) when no "
             "derivative can be asked for")
-    limit = ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
-    ratio = C * (M + 2 * N) / (N * M)
-    if N <= limit and ratio <= ONE_CALL_GRAD_MAX_FLOP_RATIO:
-        note += (f", and with its closed-form backward (krr_predict_bwd) when one can (N = {N} ≤ "
-                 f"ONE_CALL_GRAD_MAX_N = {limit}, C·(M+2N)/(N·M) = {ratio:.2f} ≤ {ONE_CALL_GRAD_MAX_FLOP_RATIO}, "
-                 "a float λ)")
-    elif N > limit:
-        note += f"; derivatives go through the fused Functions (N = {N} > ONE_CALL_GRAD_MAX_N = {limit})"
-    else:
-        note += (f"; derivatives go through the fused Functions (C·(M+2N)/(N·M) = {ratio:.2f} > "
-                 f"ONE_CALL_GRAD_MAX_FLOP_RATIO = {ONE_CALL_GRAD_MAX_FLOP_RATIO})")
-    return {"note": note}
+    if backward:
+        return {"note": note + ", and with its closed-form backward (krr_predict_bwd) when one can (a float λ)"}
+    return {"note": note + f"; derivatives go through the fused Functions (N = {N} > ONE_CALL_GRAD_MAX_N, or "
+                           f"C·(M+2N)/(N·M) = {C * (M + 2 * N) / (N * M):.2f} > ONE_CALL_GRAD_MAX_FLOP_RATIO)"}
 
 
 def _select(backend, Z, Y, primal, bias, solve_dtype, op):
@@ -957,12 +960,10 @@ def _plan_krr_predict(Zq, Zs, Ys, lam, reg, bias, solve_dtype, out_dtype, check_
         route = "weights"  # P = Zq·W, W = Zsᵀα (or the primal W)
     else:
         route = "gram"  # P = K_qs·α
-    # The cpu kernel's operators (_one_call): dual, the solve in the features' dtype or float64, P in either;
-    # with derivatives up to ONE_CALL_GRAD_MAX_N.
-    one_call = (name == "cpu" and route != "reference" and not primal and sd in (Zs.dtype, torch.float64)
-                and od in (Zs.dtype, sd))
-    one_call_grad = (one_call and N <= ONE_CALL_GRAD_MAX_N.get(Zs.device.type, 0)
-                     and C * (M + 2 * N) <= ONE_CALL_GRAD_MAX_FLOP_RATIO * N * M)
+    # The cpu kernel's operators (_one_call), forward and with derivatives (_operator_path).
+    on_cpu_kernel = name == "cpu" and route != "reference"
+    forward, backward = _operator_path(N, M, C, primal, Zs.dtype, sd, od, Zs.device.type)
+    one_call, one_call_grad = on_cpu_kernel and forward, on_cpu_kernel and backward
     return name, route, primal, shared, sd, od, (torch.Size() if shared else Zs.shape[:-2]), one_call, one_call_grad
 
 

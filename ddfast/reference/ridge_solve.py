@@ -82,9 +82,8 @@ def ridge_regularizer(
     trace = None
     if reg != "absolute":
         Zr = Z.detach() if detach_reg else Z
-        # tr(ZZᵀ) = ‖Z‖²_F as a norm (one pass, 2–3.6× faster than pow + sum on one thread; its gradient 2Z,
-        # 0 at Z = 0)
-        trace = torch.linalg.vector_norm(Zr, dim=(-2, -1)).square() + Z.shape[-2] * bias_value(bias)
+        # Σz² (not ‖Z‖²_F through a norm: that one's second derivative is NaN at Z = 0)
+        trace = Zr.pow(2).sum(dim=(-2, -1)) + Z.shape[-2] * bias_value(bias)
     return _regularizer_from_trace(trace, lam, reg, Z.shape[-2], Z.shape[:-2], Z)
 
 
